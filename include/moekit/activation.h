@@ -1,0 +1,74 @@
+// The activation between the two expert GEMMs. Scalar forms live here (inline, templated on
+// float/double) so the oracle and every backend evaluate the same formula.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <string_view>
+
+namespace moekit {
+
+enum class ActivationFn { kSilu, kGeluErf, kGeluTanh, kRelu2, kSwigluOai };
+
+// W13 rows: gate rows [0, I) then up rows [I, 2I) (kSplit), or gate/up alternating row by row
+// (kInterleaved: row 2j is gate j, row 2j+1 is up j), as some checkpoints store them.
+enum class GateUpLayout { kSplit, kInterleaved };
+
+struct Activation {
+  ActivationFn fn = ActivationFn::kSilu;
+  bool gated = true;  // gated: act(gate) * up, W13 has 2I rows; non-gated: act(x), W13 has I rows
+  GateUpLayout layout = GateUpLayout::kSplit;
+  float alpha = 1.702f;  // SwiGLU-OAI only
+  float limit = 7.0f;    // SwiGLU-OAI only
+
+  // Rows of W13 per expert for intermediate size I.
+  int64_t w13_rows(int64_t I) const { return gated ? 2 * I : I; }
+  // Row of W13 holding gate (or the only input) of intermediate column j.
+  int64_t gate_row(int64_t j, int64_t I) const {
+    return !gated ? j : layout == GateUpLayout::kSplit ? j : 2 * j;
+  }
+  int64_t up_row(int64_t j, int64_t I) const {
+    return layout == GateUpLayout::kSplit ? I + j : 2 * j + 1;
+  }
+  // "silu", "gelu", "gelu_tanh", "relu2", "swiglu_oai", each optionally "_nogate"; for messages.
+  std::string str() const;
+};
+
+// Parses the names of Activation::str(); throws moekit::Error naming the bad value.
+Activation parse_activation(std::string_view s);
+
+// act(gate) for non-gated, act(gate) * up for gated, in precision T.
+template <typename T>
+inline T apply_activation(const Activation& a, T gate, T up) {
+  switch (a.fn) {
+    case ActivationFn::kSilu: {
+      T g = gate / (T(1) + std::exp(-gate));
+      return a.gated ? g * up : g;
+    }
+    case ActivationFn::kGeluErf: {
+      T g = T(0.5) * gate * (T(1) + std::erf(gate * T(0.70710678118654752440)));
+      return a.gated ? g * up : g;
+    }
+    case ActivationFn::kGeluTanh: {
+      const T c = T(0.79788456080286535588);  // sqrt(2/pi)
+      T g = T(0.5) * gate * (T(1) + std::tanh(c * (gate + T(0.044715) * gate * gate * gate)));
+      return a.gated ? g * up : g;
+    }
+    case ActivationFn::kRelu2: {
+      T r = gate > T(0) ? gate : T(0);
+      return a.gated ? r * r * up : r * r;
+    }
+    case ActivationFn::kSwigluOai: {
+      // gpt-oss: gate clamped above, up clamped both sides, glu = g*sigmoid(alpha*g), (up+1)*glu.
+      const T lim = T(a.limit);
+      T g = std::min(gate, lim);
+      T u = std::clamp(up, -lim, lim);
+      T glu = g / (T(1) + std::exp(-T(a.alpha) * g));
+      return (u + T(1)) * glu;
+    }
+  }
+  return T(0);
+}
+
+}  // namespace moekit

@@ -1,0 +1,33 @@
+// CPU backend: SIMD experts over prepacked weights, with runtime ISA dispatch.
+#pragma once
+
+#include <memory>
+#include <string_view>
+
+#include "moekit/modular.h"
+
+namespace moekit {
+
+// Micro-kernel families, slowest to fastest; kScalar is always built (and is the only one on
+// non-x86 targets).
+enum class CpuIsa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
+std::string_view name(CpuIsa isa);
+CpuIsa parse_cpu_isa(std::string_view s);  // "scalar", "avx2", "avx512", "avx512bf16"
+CpuIsa detect_cpu_isa();                  // best one this CPU runs
+bool cpu_supports(CpuIsa isa);
+
+struct CpuExpertsConfig {
+  int num_threads = 0;          // 0: all hardware threads
+  CpuIsa isa = detect_cpu_isa();  // must satisfy cpu_supports()
+};
+
+// Experts for bf16 or fp32 weights (standard format, TopKWeightApplied::kNone). Prepacks the
+// weights at construction (the caller's weight memory is not referenced afterwards). Activation
+// spec: bf16 a1 for bf16 weights, fp32 a1 for fp32 weights. Throws moekit::Error on bad weights.
+std::shared_ptr<Experts> make_cpu_experts(const ExpertWeights& weights, const Activation& act,
+                                          const CpuExpertsConfig& config = {});
+
+// Deterministic weight-and-reduce (fixed slot order), threads over tokens.
+std::shared_ptr<WeightAndReduce> make_cpu_weight_and_reduce(int num_threads = 0);
+
+}  // namespace moekit
