@@ -25,7 +25,7 @@ struct Activation {
   // Rows of W13 per expert for intermediate size I.
   int64_t w13_rows(int64_t I) const { return gated ? 2 * I : I; }
   // Row of W13 holding gate (or the only input) of intermediate column j.
-  int64_t gate_row(int64_t j, int64_t I) const {
+  int64_t gate_row(int64_t j, [[maybe_unused]] int64_t I) const {
     return !gated ? j : layout == GateUpLayout::kSplit ? j : 2 * j;
   }
   int64_t up_row(int64_t j, int64_t I) const {

@@ -39,6 +39,9 @@ class MoELayer {
   const ModularKernel& routed_kernel() const { return *routed_; }
 
  private:
+  void run(const TensorView& x, const TensorView& ids, const TensorView& w, const TensorView& y,
+           int64_t token_key_offset);
+
   MoELayerConfig config_;
   std::shared_ptr<ModularKernel> routed_, shared_;
   Tensor correction_bias_;

@@ -52,16 +52,17 @@ struct ActivationSpec {
 
 // Weights of the experts one Experts object computes: LOCAL experts, slot e = local id e.
 // w13: [n, w13_rows(I), H]; w2: [n, H, I]; b13: [n, w13_rows(I)] or absent; b2: [n, H] or absent,
-// where local slot e lives at index source[e] of dim 0 (source empty: identity, n = E_local).
-// `source` lets a rank view its experts inside a global [E, ...] tensor without copying.
+// where local slot e lives at index (*source)[e] of dim 0 (no source: identity, n = E_local).
+// `source` lets a rank view its experts inside a global [E, ...] tensor without copying; a rank
+// may hold no expert at all (source present and empty). Use num_local() and index(), not n.
 struct ExpertWeights {
   TensorView w13, w2, b13, b2;
-  std::vector<int32_t> source;
+  std::optional<std::vector<int32_t>> source;
 
-  int64_t num_local() const { return source.empty() ? w13.size(0) : int64_t(source.size()); }
+  int64_t num_local() const { return source ? int64_t(source->size()) : w13.size(0); }
   int64_t hidden() const { return w13.size(2); }
   int64_t intermediate() const { return w2.size(2); }
-  int64_t index(int64_t local) const { return source.empty() ? local : source[local]; }
+  int64_t index(int64_t local) const { return source ? (*source)[local] : local; }
   // Views the experts that `map` places on `rank` inside global weights [E, ...].
   static ExpertWeights local_view(const ExpertWeights& global, const ExpertMap& map, int rank);
 };

@@ -1,0 +1,88 @@
+// Single-rank PrepareFinalize: no communication. prepare maps global ids to this rank's local
+// ids through the expert map and converts x to the experts' activation dtype; finalize runs
+// weight-and-reduce with the caller's routing.
+#include <cstring>
+
+#include "moekit/modular.h"
+
+namespace moekit {
+
+namespace {
+
+class LocalPrepareFinalize final : public PrepareFinalize {
+ public:
+  LocalPrepareFinalize(ExpertMap map, int rank) : map_(std::move(map)), rank_(rank) {
+    MOEKIT_CHECK(rank >= 0 && rank < map_.num_ranks(), "local prepare/finalize: rank ", rank,
+                 " not in [0, ", map_.num_ranks(), ") of ", map_.str());
+  }
+
+  std::string_view name() const override { return "local"; }
+  ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
+  const ExpertMap& expert_map() const override { return map_; }
+  int rank() const override { return rank_; }
+
+  std::optional<std::string> can_implement(const MoEProblem& p) const override {
+    if (p.num_experts != map_.num_experts())
+      return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
+             std::to_string(map_.num_experts());
+    return std::nullopt;
+  }
+
+  int64_t max_dispatched_tokens(const MoEProblem& p) const override { return p.tokens; }
+
+  size_t workspace_size(const MoEProblem& p) const override {
+    // a1 copy [M, H] (conversion, weight on input, or strided x) + ids [M, k] + weights [M, k].
+    const int64_t M = p.tokens;
+    return Workspace::aligned(M * p.hidden * 4) + 2 * Workspace::aligned(M * p.top_k * 4);
+  }
+
+  DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
+    const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
+    DispatchedBatch b;
+    b.topk_ids = ws.take(DType::kI32, {M, k});
+    b.topk_weights = ws.take(DType::kF32, {M, k});
+    for (int64_t t = 0; t < M; ++t) {
+      const int32_t* ids = req.topk_ids.row<int32_t>(t);
+      const float* w = req.topk_weights.row<float>(t);
+      int32_t* lids = b.topk_ids.row<int32_t>(t);
+      float* lw = b.topk_weights.row<float>(t);
+      for (int64_t s = 0; s < k; ++s) {
+        lids[s] = ids[s] < 0 ? -1 : map_.local_id(rank_, ids[s], req.token_key_offset + t);
+        lw[s] = req.weight_on_input ? 1.0f : w[s];
+      }
+    }
+    const bool view_x = !req.weight_on_input && req.x.dtype == req.spec.dtype &&
+                        req.x.is_contiguous();
+    if (view_x) {
+      b.a1 = req.x;
+      return b;
+    }
+    // [M, H] in the experts' dtype; rows scaled by their (k = 1) weight when applied on input.
+    b.a1 = ws.take(req.spec.dtype, {M, H});
+    for (int64_t t = 0; t < M; ++t) {
+      const float scale = req.weight_on_input ? req.topk_weights.row<float>(t)[0] : 1.0f;
+      for (int64_t h = 0; h < H; ++h) {
+        const float v = load_as_float(req.x.data, req.x.dtype, t * req.x.stride[0] + h);
+        store_from_float(b.a1.data, b.a1.dtype, t * H + h, req.weight_on_input ? v * scale : v);
+      }
+    }
+    return b;
+  }
+
+  void finalize(const FinalizeRequest& req, Workspace&, const ExecContext& ctx) override {
+    req.weight_and_reduce->apply(req.fused_out, req.topk_ids, req.topk_weights, req.applied,
+                                 req.y, ctx);
+  }
+
+ private:
+  ExpertMap map_;
+  int rank_;
+};
+
+}  // namespace
+
+std::shared_ptr<PrepareFinalize> make_local_prepare_finalize(ExpertMap map, int rank) {
+  return std::make_shared<LocalPrepareFinalize>(std::move(map), rank);
+}
+
+}  // namespace moekit

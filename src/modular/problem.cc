@@ -1,0 +1,117 @@
+// Descriptors shared by every part: names, MoEProblem, Workspace, ExpertWeights checks.
+#include <sstream>
+
+#include "moekit/modular.h"
+
+namespace moekit {
+
+std::string_view name(ActivationFormat f) {
+  return f == ActivationFormat::kStandard ? "standard" : "batched";
+}
+
+std::string_view name(TopKWeightApplied w) {
+  switch (w) {
+    case TopKWeightApplied::kNone: return "none";
+    case TopKWeightApplied::kWeighted: return "weighted";
+    case TopKWeightApplied::kWeightedAndReduced: return "weighted_and_reduced";
+  }
+  return "?";
+}
+
+std::string MoEProblem::str() const {
+  std::ostringstream os;
+  os << "E=" << num_experts << " E_local=" << num_local_experts << " H=" << hidden
+     << " I=" << intermediate << " k=" << top_k << " tokens=" << tokens
+     << " act=" << name(act_dtype) << " w=" << name(weight_dtype) << " " << activation.str()
+     << (has_bias13 ? " b13" : "") << (has_bias2 ? " b2" : "");
+  return os.str();
+}
+
+void* Workspace::take_bytes(size_t bytes) {
+  const size_t n = aligned(bytes);
+  MOEKIT_CHECK(used_ + n <= bytes_, "workspace exhausted: need ", used_ + n, " bytes, have ",
+               bytes_, " (workspace_size() under-reported)");
+  void* p = base_ + used_;
+  used_ += n;
+  return p;
+}
+
+TensorView Workspace::take(DType dtype, std::initializer_list<int64_t> shape) {
+  TensorView v(nullptr, dtype, shape);
+  v.data = take_bytes(static_cast<size_t>(v.nbytes()));
+  return v;
+}
+
+ExpertsInfo ExpertsInfo::of(const ExpertWeights& w, const Activation& act) {
+  ExpertsInfo i;
+  i.num_local_experts = w.num_local();
+  i.hidden = w.hidden();
+  i.intermediate = w.intermediate();
+  i.weight_dtype = w.w13.dtype;
+  i.activation = act;
+  i.has_bias13 = w.b13.present();
+  i.has_bias2 = w.b2.present();
+  return i;
+}
+
+ExpertWeights ExpertWeights::local_view(const ExpertWeights& global, const ExpertMap& map,
+                                        int rank) {
+  MOEKIT_CHECK(rank >= 0 && rank < map.num_ranks(), "local_view: rank ", rank, " not in [0, ",
+               map.num_ranks(), ")");
+  MOEKIT_CHECK(global.w13.ndim == 3 && global.w13.size(0) == map.num_experts(),
+               "local_view: weights hold ", global.w13.ndim == 3 ? global.w13.size(0) : -1,
+               " experts but the expert map has ", map.num_experts());
+  MOEKIT_CHECK(!global.source, "local_view: weights must be global (no source table)");
+  ExpertWeights w = global;
+  auto ids = map.local_to_global(rank);
+  w.source.emplace(ids.begin(), ids.end());
+  return w;
+}
+
+namespace {
+// Reason a weight tensor is unusable, or empty.
+std::string check_tensor(const TensorView& t, const char* what, std::initializer_list<int64_t> shape,
+                         DType dtype, bool dtype_must_match) {
+  std::ostringstream os;
+  bool shape_ok = t.ndim == static_cast<int>(shape.size());
+  int d = 0;
+  for (int64_t s : shape) shape_ok = shape_ok && t.shape[d++] == s;
+  if (!shape_ok) {
+    os << what << ": expected shape [";
+    d = 0;
+    for (int64_t s : shape) os << (d++ ? ", " : "") << s;
+    os << "], got " << t.str();
+  } else if (!traits(t.dtype).is_float) {
+    os << what << ": dtype " << name(t.dtype) << " is not a float type";
+  } else if (dtype_must_match && t.dtype != dtype) {
+    os << what << ": dtype " << name(t.dtype) << " differs from w13's " << name(dtype);
+  } else if (t.numel() > 0 && t.data == nullptr) {
+    os << what << ": null data pointer";
+  } else if (t.stride[t.ndim - 1] != 1) {
+    os << what << ": last dimension must be contiguous, got " << t.str();
+  }
+  return os.str();
+}
+}  // namespace
+
+std::optional<std::string> validate_weights(const ExpertWeights& w, const Activation& act) {
+  if (w.w13.ndim != 3) return "w13: expected [experts, rows, H], got " + w.w13.str();
+  if (w.w2.ndim != 3) return "w2: expected [experts, H, I], got " + w.w2.str();
+  const int64_t n = w.w13.size(0), H = w.w13.size(2), I = w.w2.size(2);
+  if (n < 1 || H < 1 || I < 1) return "weights: empty expert, H or I dimension in " + w.w13.str();
+  if (!act.gated && act.fn == ActivationFn::kSwigluOai) return "activation swiglu_oai must be gated";
+  const DType wt = w.w13.dtype;
+  for (const std::string& r :
+       {check_tensor(w.w13, "w13", {n, act.w13_rows(I), H}, wt, false),
+        check_tensor(w.w2, "w2", {n, H, I}, wt, true),
+        w.b13.present() ? check_tensor(w.b13, "b13", {n, act.w13_rows(I)}, wt, false) : "",
+        w.b2.present() ? check_tensor(w.b2, "b2", {n, H}, wt, false) : ""})
+    if (!r.empty()) return r;
+  for (size_t e = 0; w.source && e < w.source->size(); ++e)
+    if ((*w.source)[e] < 0 || (*w.source)[e] >= n)
+      return "source[" + std::to_string(e) + "] = " + std::to_string((*w.source)[e]) +
+             " is not an expert of the weights (0.." + std::to_string(n - 1) + ")";
+  return std::nullopt;
+}
+
+}  // namespace moekit
