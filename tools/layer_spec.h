@@ -45,7 +45,8 @@ struct LayerSpec {
   int64_t shared_elements() const;
   // All routed experts plus the shared one, in bytes of `dtype`.
   int64_t total_weight_bytes(DType dtype) const;
-  // Forward FLOPs (2 per multiply-add) of `tokens` tokens each using `slots` routed experts.
+  // Forward FLOPs (2 per multiply-add) of `tokens` tokens holding `slots` (token, routed expert)
+  // pairs in all; the shared expert sees every token.
   double flops(int64_t tokens, int64_t slots) const;
   // "E=128 H=2048 I=768 k=8 softmax_topk(renorm) silu" — for progress lines and messages.
   std::string str() const;

@@ -219,6 +219,7 @@ void check_route_args(const RouterConfig& config, const TensorView& logits,
   MOEKIT_CHECK(logits.dtype == DType::kF32 || logits.dtype == DType::kBF16,
                "route: logits: expected dtype fp32 or bf16, got ", logits.str());
   const int64_t M = logits.size(0);
+  MOEKIT_CHECK(M >= 0, "route: logits: negative row count in ", logits.str());
   check_matrix(logits, M, E, "route: logits");
 
   if (config.method == RoutingMethod::kSigmoidGroupedTopK) {
