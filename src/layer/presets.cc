@@ -17,7 +17,9 @@ constexpr Activation kSwigluOaiInterleaved{.fn = ActivationFn::kSwigluOai,
                                            .alpha = 1.702f,
                                            .limit = 7.0f};
 
-constexpr RouterConfig softmax_topk_renorm() { return {.method = RoutingMethod::kSoftmaxTopK}; }
+constexpr RouterConfig softmax_topk_renorm() {
+  return {.method = RoutingMethod::kSoftmaxTopK};
+}
 
 constexpr RouterConfig sigmoid_grouped(int n_group, int topk_group, float scale) {
   return {.method = RoutingMethod::kSigmoidGroupedTopK,
@@ -27,7 +29,9 @@ constexpr RouterConfig sigmoid_grouped(int n_group, int topk_group, float scale)
           .routed_scaling_factor = scale};
 }
 
-constexpr RouterConfig topk_softmax() { return {.method = RoutingMethod::kTopKSoftmax}; }
+constexpr RouterConfig topk_softmax() {
+  return {.method = RoutingMethod::kTopKSoftmax};
+}
 
 // Llama-4 weights are the sigmoid of the top-1 logit, never renormalized.
 constexpr RouterConfig llama4_top1() {
@@ -55,7 +59,9 @@ constexpr Preset kPresets[] = {
 
 }  // namespace
 
-std::span<const Preset> presets() { return kPresets; }
+std::span<const Preset> presets() {
+  return kPresets;
+}
 
 const Preset& find_preset(std::string_view name) {
   for (const Preset& p : kPresets)

@@ -30,8 +30,7 @@ RankTable even_split(const char* what, int num_experts, int num_ranks, ExpertOf 
 // Checks an explicit table: ids in range, no rank holding an expert twice, every expert held,
 // and (unless replicas are allowed) no expert held by two ranks.
 RankTable checked_table(const char* what, int num_experts,
-                        const std::vector<std::vector<int>>& experts_of_rank,
-                        bool allow_replicas) {
+                        const std::vector<std::vector<int>>& experts_of_rank, bool allow_replicas) {
   check_counts(what, num_experts, static_cast<int64_t>(experts_of_rank.size()));
   // First rank (and slot) seen holding each expert, for messages naming both holders.
   std::vector<int> holder(num_experts, -1);
@@ -111,8 +110,7 @@ ExpertMap ExpertMap::round_robin(int num_experts, int num_ranks) {
 
 ExpertMap ExpertMap::table(int num_experts, std::vector<std::vector<int>> experts_of_rank) {
   return ExpertMap(num_experts,
-                   checked_table("ExpertMap::table", num_experts, experts_of_rank, false),
-                   "table");
+                   checked_table("ExpertMap::table", num_experts, experts_of_rank, false), "table");
 }
 
 ExpertMap ExpertMap::replicated(int num_experts, std::vector<std::vector<int>> experts_of_rank) {
@@ -121,7 +119,9 @@ ExpertMap ExpertMap::replicated(int num_experts, std::vector<std::vector<int>> e
                    "replicated");
 }
 
-int ExpertMap::num_local(int rank) const { return static_cast<int>(local_to_global(rank).size()); }
+int ExpertMap::num_local(int rank) const {
+  return static_cast<int>(local_to_global(rank).size());
+}
 
 std::span<const int32_t> ExpertMap::local_to_global(int rank) const {
   MOEKIT_CHECK(rank >= 0 && rank < num_ranks(), "ExpertMap: rank ", rank, " outside [0, ",
@@ -130,8 +130,8 @@ std::span<const int32_t> ExpertMap::local_to_global(int rank) const {
 }
 
 std::span<const int32_t> ExpertMap::replicas(int expert) const {
-  MOEKIT_CHECK(expert >= 0 && expert < num_experts_, "ExpertMap: expert ", expert,
-               " outside [0, ", num_experts_, ") of ", str());
+  MOEKIT_CHECK(expert >= 0 && expert < num_experts_, "ExpertMap: expert ", expert, " outside [0, ",
+               num_experts_, ") of ", str());
   return replicas_[expert];
 }
 
@@ -143,8 +143,8 @@ int ExpertMap::serving_rank(int32_t expert, int64_t token_key) const {
 }
 
 int32_t ExpertMap::local_id(int rank, int32_t expert, int64_t token_key) const {
-  MOEKIT_CHECK(rank >= 0 && rank < num_ranks(), "ExpertMap::local_id: rank ", rank,
-               " outside [0, ", num_ranks(), ") of ", str());
+  MOEKIT_CHECK(rank >= 0 && rank < num_ranks(), "ExpertMap::local_id: rank ", rank, " outside [0, ",
+               num_ranks(), ") of ", str());
   MOEKIT_CHECK(expert >= 0 && expert < num_experts_, "ExpertMap::local_id: expert ", expert,
                " outside [0, ", num_experts_, ") of ", str());
   const int32_t slot = global_to_local_[rank][expert];

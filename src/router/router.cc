@@ -13,6 +13,8 @@
 //   sum to 1 and kLlama4Top1Sigmoid weights are the sigmoid itself. `n_group`, `topk_group` and
 //   `routed_scaling_factor` must keep their defaults for the other methods, so that a setting
 //   that would be ignored is refused instead.
+#include "moekit/router.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,7 +22,6 @@
 #include <vector>
 
 #include "moekit/core/error.h"
-#include "moekit/router.h"
 
 namespace moekit {
 namespace {
@@ -105,7 +106,9 @@ class Softmax {
   double denom_ = 0.0;
 };
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) {
+  return 1.0f / (1.0f + std::exp(-x));
+}
 
 void renormalize(std::span<float> w) {
   double sum = 0.0;
@@ -127,10 +130,14 @@ class RowRouter {
   // logits [E] -> ids [k], weights [k] (weights doubles as the chosen-score scratch).
   void operator()(const float* logits, int32_t* ids, float* weights) {
     switch (cfg_.method) {
-      case RoutingMethod::kSoftmaxTopK: return softmax_topk(logits, ids, weights);
-      case RoutingMethod::kTopKSoftmax: return topk_softmax(logits, ids, weights);
-      case RoutingMethod::kSigmoidGroupedTopK: return sigmoid_grouped_topk(logits, ids, weights);
-      case RoutingMethod::kLlama4Top1Sigmoid: return llama4_top1_sigmoid(logits, ids, weights);
+      case RoutingMethod::kSoftmaxTopK:
+        return softmax_topk(logits, ids, weights);
+      case RoutingMethod::kTopKSoftmax:
+        return topk_softmax(logits, ids, weights);
+      case RoutingMethod::kSigmoidGroupedTopK:
+        return sigmoid_grouped_topk(logits, ids, weights);
+      case RoutingMethod::kLlama4Top1Sigmoid:
+        return llama4_top1_sigmoid(logits, ids, weights);
     }
   }
 
@@ -182,7 +189,8 @@ class RowRouter {
         select(scores_.data(), g * per_group, (g + 1) * per_group, pair);
         groups.offer(n_best == 2 ? best[0] + best[1] : best[0], g);
       }
-      for (int32_t g : kept_groups_) select(scores_.data(), g * per_group, (g + 1) * per_group, top);
+      for (int32_t g : kept_groups_)
+        select(scores_.data(), g * per_group, (g + 1) * per_group, top);
     }
 
     // Weights are the unbiased sigmoids of the chosen experts.
@@ -194,8 +202,8 @@ class RowRouter {
 
   const RouterConfig& cfg_;
   const float* bias_;
-  std::vector<float> scores_;        // [E] sigmoid + bias
-  std::vector<float> group_scores_;  // [topk_group] scores of the kept groups
+  std::vector<float> scores_;         // [E] sigmoid + bias
+  std::vector<float> group_scores_;   // [topk_group] scores of the kept groups
   std::vector<int32_t> kept_groups_;  // [topk_group]
 };
 
@@ -208,8 +216,8 @@ void check_matrix(const TensorView& t, int64_t rows, int64_t cols, const char* w
                t.str());
 }
 
-void check_route_args(const RouterConfig& config, const TensorView& logits,
-                      const TensorView& bias, const TensorView& ids, const TensorView& weights) {
+void check_route_args(const RouterConfig& config, const TensorView& logits, const TensorView& bias,
+                      const TensorView& ids, const TensorView& weights) {
   const std::optional<std::string> reason = config.validate();
   MOEKIT_CHECK(!reason, "route: invalid config ", config.str(), ": ", reason.value_or(""));
   const int64_t E = config.num_experts;
