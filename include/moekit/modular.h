@@ -177,7 +177,15 @@ class PrepareFinalize {
   virtual std::optional<std::string> can_implement(const MoEProblem& p) const = 0;
   // Upper bound of dispatched rows M' when this rank prepares p.tokens rows.
   virtual int64_t max_dispatched_tokens(const MoEProblem& p) const = 0;
+  // How many prepare/finalize rounds a forward of local_tokens rows takes. Ranks that exchange
+  // data must all run the same number (a rank with fewer or no tokens runs empty rounds), so
+  // distributed implementations agree on the maximum.
+  virtual int64_t num_rounds(int64_t local_tokens, int64_t chunk_tokens) {
+    return (local_tokens + chunk_tokens - 1) / chunk_tokens;
+  }
   virtual size_t workspace_size(const MoEProblem& p) const = 0;
+  // nullopt when finalize can combine what experts of this weight application produce.
+  virtual std::optional<std::string> can_combine(TopKWeightApplied) const { return std::nullopt; }
   virtual DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws,
                                   const ExecContext& ctx) = 0;
   virtual void finalize(const FinalizeRequest& req, Workspace& ws, const ExecContext& ctx) = 0;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "moekit/modular.h"
+#include "modular/dispatch_util.h"
 
 namespace moekit {
 
@@ -47,24 +48,17 @@ class LocalPrepareFinalize final : public PrepareFinalize {
       int32_t* lids = b.topk_ids.row<int32_t>(t);
       float* lw = b.topk_weights.row<float>(t);
       for (int64_t s = 0; s < k; ++s) {
-        lids[s] = ids[s] < 0 ? -1 : map_.local_id(rank_, ids[s], req.token_key_offset + t);
+        lids[s] = ids[s] < 0 ? -1
+                           : map_.local_id(rank_, ids[s],
+                                           detail::token_key(0, req.token_key_offset + t));
         lw[s] = req.weight_on_input ? 1.0f : w[s];
       }
     }
-    const bool view_x = !req.weight_on_input && req.x.dtype == req.spec.dtype &&
-                        req.x.is_contiguous();
-    if (view_x) {
+    if (detail::usable_as_is(req)) {
       b.a1 = req.x;
-      return b;
-    }
-    // [M, H] in the experts' dtype; rows scaled by their (k = 1) weight when applied on input.
-    b.a1 = ws.take(req.spec.dtype, {M, H});
-    for (int64_t t = 0; t < M; ++t) {
-      const float scale = req.weight_on_input ? req.topk_weights.row<float>(t)[0] : 1.0f;
-      for (int64_t h = 0; h < H; ++h) {
-        const float v = load_as_float(req.x.data, req.x.dtype, t * req.x.stride[0] + h);
-        store_from_float(b.a1.data, b.a1.dtype, t * H + h, req.weight_on_input ? v * scale : v);
-      }
+    } else {
+      b.a1 = ws.take(req.spec.dtype, {M, H});
+      detail::convert_activations(req.x, req.topk_weights, req.weight_on_input, b.a1);
     }
     return b;
   }

@@ -26,9 +26,24 @@ MoEProblem make_problem(const PrepareFinalize& pf, const Experts& ex, const Kern
   return p;
 }
 
-int64_t fused_out_elements(const MoEProblem& dispatched, TopKWeightApplied applied) {
+// Experts' output: standard [M', k, H] or, once reduced over top-k, [M', H]; batched
+// [E_local, rows, H] (M' counts all batched rows).
+int64_t fused_out_elements(const MoEProblem& dispatched, ActivationFormat format,
+                           TopKWeightApplied applied) {
   const int64_t rows = dispatched.tokens * dispatched.hidden;
-  return applied == TopKWeightApplied::kWeightedAndReduced ? rows : rows * dispatched.top_k;
+  const bool per_slot = format == ActivationFormat::kStandard &&
+                        applied != TopKWeightApplied::kWeightedAndReduced;
+  return per_slot ? rows * dispatched.top_k : rows;
+}
+
+TensorView take_fused_out(Workspace& ws, const DispatchedBatch& b, const MoEProblem& p,
+                          TopKWeightApplied applied) {
+  const TensorView& a1 = b.a1;
+  if (b.format == ActivationFormat::kBatched)
+    return ws.take(DType::kF32, {a1.size(0), a1.size(1), p.hidden});
+  if (applied == TopKWeightApplied::kWeightedAndReduced)
+    return ws.take(DType::kF32, {a1.size(0), p.hidden});
+  return ws.take(DType::kF32, {a1.size(0), p.top_k, p.hidden});
 }
 
 }  // namespace
@@ -55,6 +70,9 @@ std::optional<std::string> ModularKernel::check_compatible(const PrepareFinalize
     return ex + " holds " + std::to_string(experts.info().num_local_experts) +
            " experts but the expert map " + map.str() + " places " + std::to_string(local) +
            " on rank " + std::to_string(pf.rank());
+  if (auto r = pf.can_combine(experts.weight_application()))
+    return pfn + " cannot combine " + ex + " (top-k weights " +
+           std::string(name(experts.weight_application())) + "): " + *r;
   MoEProblem p = make_problem(pf, experts, config);
   if (auto r = pf.can_implement(p)) return pfn + ": " + *r;
   p.tokens = pf.max_dispatched_tokens(p);
@@ -75,7 +93,9 @@ ModularKernel::ModularKernel(std::shared_ptr<PrepareFinalize> pf, std::shared_pt
   workspace_bytes_ =
       Workspace::aligned(pf_->workspace_size(problem_)) +
       Workspace::aligned(experts_->workspace_size(dispatched)) +
-      Workspace::aligned(fused_out_elements(dispatched, experts_->weight_application()) * 4);
+      Workspace::aligned(fused_out_elements(dispatched, experts_->activation_format(),
+                                            experts_->weight_application()) *
+                         4);
   workspace_ = Tensor(DType::kU8, {static_cast<int64_t>(workspace_bytes_)});
 }
 
@@ -124,17 +144,16 @@ void ModularKernel::forward(const ForwardArgs& a, const ExecContext& ctx) {
   // Weights applied on the input count as applied once; finalize must only sum (contract 3).
   if (a.weight_on_input && applied == TopKWeightApplied::kNone)
     applied = TopKWeightApplied::kWeighted;
-  for (int64_t begin = 0; begin < M; begin += config_.chunk_tokens) {
+  const int64_t rounds = pf_->num_rounds(M, config_.chunk_tokens);
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t begin = std::min(M, round * config_.chunk_tokens);
     const int64_t end = std::min(M, begin + config_.chunk_tokens);
     Workspace ws(workspace_.view().data, workspace_bytes_);
     PrepareRequest req{a.x.slice0(begin, end), a.topk_ids.slice0(begin, end),
                        a.topk_weights.slice0(begin, end), a.token_key_offset + begin,
                        a.weight_on_input, experts_->activation_spec()};
     DispatchedBatch batch = pf_->prepare(req, ws, ctx);
-    const int64_t rows = batch.a1.size(0);
-    TensorView out = experts_->weight_application() == TopKWeightApplied::kWeightedAndReduced
-                         ? ws.take(DType::kF32, {rows, problem_.hidden})
-                         : ws.take(DType::kF32, {rows, problem_.top_k, problem_.hidden});
+    const TensorView out = take_fused_out(ws, batch, problem_, experts_->weight_application());
     experts_->apply(batch, out, ws, ctx);
     pf_->finalize({a.y.slice0(begin, end), out, req.topk_ids, req.topk_weights, applied, wr_.get()},
                   ws, ctx);

@@ -1,0 +1,42 @@
+// Internals shared by the distributed PrepareFinalize implementations.
+#pragma once
+
+#include <chrono>
+
+#include "moekit/dist/ep.h"
+
+namespace moekit::detail {
+
+// The base of every EP PrepareFinalize: the expert map, the collective agreement check run when
+// a ModularKernel is built over it, and the stats clock.
+class EpPrepareFinalize : public DistributedPrepareFinalize {
+ public:
+  EpPrepareFinalize(std::shared_ptr<Communicator> comm, ExpertMap map, std::string_view name);
+  std::string_view name() const override { return name_; }
+  const ExpertMap& expert_map() const override { return map_; }
+  int rank() const override { return comm_->rank(); }
+  // E must match the map; then every rank exchanges its layer signature (a collective: all
+  // ranks construct their kernels together) and any disagreement is the reason on every rank.
+  std::optional<std::string> can_implement(const MoEProblem& p) const override;
+
+ protected:
+  // Adds the seconds since `start` to `total`.
+  static void charge(double& total, std::chrono::steady_clock::time_point start) {
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  ExpertMap map_;
+  std::string name_;
+};
+
+// Send/receive byte counts of an all_to_all_v, one entry per rank.
+struct Counts {
+  std::vector<size_t> send, recv;
+  explicit Counts(int ranks) : send(ranks, 0), recv(ranks, 0) {}
+  static size_t total(const std::vector<size_t>& v) {
+    size_t s = 0;
+    for (size_t x : v) s += x;
+    return s;
+  }
+};
+
+}  // namespace moekit::detail

@@ -1,0 +1,19 @@
+#include "modular/dispatch_util.h"
+
+#include <vector>
+
+namespace moekit::detail {
+
+void convert_activations(const TensorView& x, const TensorView& topk_weights, bool weight_on_input,
+                         const TensorView& out) {
+  const int64_t M = x.size(0), H = x.size(1);
+  std::vector<float> row(H);
+  for (int64_t t = 0; t < M; ++t) {
+    const float scale = weight_on_input ? topk_weights.row<float>(t)[0] : 1.0f;
+    for (int64_t h = 0; h < H; ++h)
+      row[h] = load_as_float(x.data, x.dtype, t * x.stride[0] + h) * scale;
+    for (int64_t h = 0; h < H; ++h) store_from_float(out.data, out.dtype, t * out.stride[0] + h, row[h]);
+  }
+}
+
+}  // namespace moekit::detail
