@@ -7,6 +7,14 @@
 #include <string>
 #include <string_view>
 
+// apply_activation and the W13 row helpers are also compiled into CUDA kernels (nvcc, --expt-relaxed-constexpr), so the
+// GPU evaluates the very formula the oracle does.
+#if defined(__CUDACC__)
+#define MOEKIT_HOST_DEVICE __host__ __device__
+#else
+#define MOEKIT_HOST_DEVICE
+#endif
+
 namespace moekit {
 
 enum class ActivationFn { kSilu, kGeluErf, kGeluTanh, kRelu2, kSwigluOai };
@@ -23,12 +31,12 @@ struct Activation {
   float limit = 7.0f;    // SwiGLU-OAI only
 
   // Rows of W13 per expert for intermediate size I.
-  int64_t w13_rows(int64_t I) const { return gated ? 2 * I : I; }
+  MOEKIT_HOST_DEVICE int64_t w13_rows(int64_t I) const { return gated ? 2 * I : I; }
   // Row of W13 holding gate (or the only input) of intermediate column j.
-  int64_t gate_row(int64_t j, [[maybe_unused]] int64_t I) const {
+  MOEKIT_HOST_DEVICE int64_t gate_row(int64_t j, [[maybe_unused]] int64_t I) const {
     return !gated ? j : layout == GateUpLayout::kSplit ? j : 2 * j;
   }
-  int64_t up_row(int64_t j, int64_t I) const {
+  MOEKIT_HOST_DEVICE int64_t up_row(int64_t j, int64_t I) const {
     return layout == GateUpLayout::kSplit ? I + j : 2 * j + 1;
   }
   // "silu", "gelu", "gelu_tanh", "relu2", "swiglu_oai", each optionally "_nogate"; for messages.
@@ -40,7 +48,7 @@ Activation parse_activation(std::string_view s);
 
 // act(gate) for non-gated, act(gate) * up for gated, in precision T.
 template <typename T>
-inline T apply_activation(const Activation& a, T gate, T up) {
+MOEKIT_HOST_DEVICE inline T apply_activation(const Activation& a, T gate, T up) {
   switch (a.fn) {
     case ActivationFn::kSilu: {
       T g = gate / (T(1) + std::exp(-gate));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the GPU machine: configure and build the CUDA backend, run its tests, then the benchmark.
+# Needs .deps (scripts/gather_deps.sh) carried along. Logs and JSON go to $OUT (default ./out).
+#   bench/cuda_gpu_run.sh [test|bench|all] [bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+shift || true
+out=${OUT:-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
+cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEKIT_MPI=OFF \
+  -DCMAKE_PREFIX_PATH="$PWD/.deps" >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+time cmake --build build-cuda -j16 --target moekit test_cuda_experts cuda_experts_bench \
+  >"$out/build.log" 2>&1 || { grep -E "error|Error" -A5 "$out/build.log" | head -60; exit 1; }
+grep -E "spill|stack frame" "$out/build.log" | grep -v " 0 bytes spill" | head -5
+if [[ $what == test || $what == all ]]; then
+  build-cuda/tests/test_cuda_experts --gtest_brief=1 2>&1 | tee "$out/test.log" | tail -25
+fi
+if [[ $what == bench || $what == all ]]; then
+  build-cuda/cuda_experts_bench --out "$out/cuda_bench.json" "$@" 2>&1 | tee "$out/bench.log"
+fi

@@ -1,0 +1,94 @@
+// CUDA backend (Hopper, sm_90a): device buffers, and the CUDA PrepareFinalize, Experts and
+// WeightAndReduce of the modular kernel. Every forward-path call runs on ExecContext::stream
+// (a cudaStream_t; null: the legacy default stream), never synchronizes the host and is
+// CUDA-graph capturable. Tensors passed to them live on the device (Device{kCUDA, id}).
+//
+// Declared only when moekit was built with MOEKIT_CUDA (MOEKIT_HAS_CUDA is then defined).
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+
+#include "moekit/modular.h"
+
+namespace moekit {
+
+// Number of CUDA devices usable by this process (0 when there is no driver or no device).
+int cuda_device_count();
+// "NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 50 MB L2" of the current device, for logs and JSON.
+std::string cuda_device_name();
+
+// Owning, contiguous device tensor (cudaMalloc on device `device`; -1: the current device).
+// Copies to and from the host are synchronous: they are for set-up and checks, not the forward.
+class CudaTensor {
+ public:
+  CudaTensor() = default;
+  CudaTensor(DType dtype, std::initializer_list<int64_t> shape, int device = -1);
+  // An empty device tensor of `like`'s dtype and shape.
+  static CudaTensor empty_like(const TensorView& like, int device = -1);
+  // A device copy of a contiguous host tensor.
+  static CudaTensor copy_of(const TensorView& host, int device = -1);
+
+  const TensorView& view() const { return view_; }
+  operator const TensorView&() const { return view_; }
+  template <typename T>
+  T* data() const {
+    return static_cast<T*>(view_.data);
+  }
+  int64_t numel() const { return view_.numel(); }
+  DType dtype() const { return view_.dtype; }
+  // Contiguous host copy, flat [numel] (reshape its view as needed); waits for the device.
+  Tensor to_host() const;
+
+ private:
+  struct Free {
+    void operator()(void* p) const;
+  };
+  std::unique_ptr<void, Free> storage_;
+  TensorView view_;
+};
+
+// Host <-> device copies between views of equal shape and dtype (contiguous), synchronous.
+void copy_to_device(const TensorView& host, const TensorView& device);
+void copy_to_host(const TensorView& device, const TensorView& host);
+
+// Single-rank PrepareFinalize on the device: maps global ids to `rank`'s local ids through a
+// device copy of the expert map's table (-1 for experts served elsewhere and for padding),
+// converts x to the experts' activation dtype (and applies the weight on the input), and
+// finalizes with the caller's routing. Ids outside [-1, E) are treated as -1 and counted in a
+// device flag instead of stopping the stream; cuda_bad_id_count() reads it.
+std::shared_ptr<PrepareFinalize> make_cuda_prepare_finalize(ExpertMap map, int rank);
+// Ids outside [-1, E) seen by prepare() since the last call (synchronizes with the device, so
+// call it outside the forward path); resets the count. `pf` must come from
+// make_cuda_prepare_finalize.
+int64_t cuda_bad_id_count(const PrepareFinalize& pf);
+
+// Deterministic weight-and-reduce (slots summed in order 0..k-1), fp32 accumulation.
+std::shared_ptr<WeightAndReduce> make_cuda_weight_and_reduce();
+
+// Experts over bf16 device weights (standard format, activation spec bf16, fp32 fused_out).
+// H and I must be multiples of 8 (16-byte rows); other shapes, dtypes or host weights are
+// refused at construction with the reason. The caller's weight memory must outlive the object
+// (it is not copied).
+//
+// Small-batch experts for decode: each active expert's weights are streamed once across all
+// SMs (GEMM1 + activation in one launch, GEMM2 in a second). Any M is computed (in chunks of
+// 4096 (token, slot) pairs), but beyond a few tokens per expert the grouped GEMM wins. `applied`:
+// kNone writes [M', k, H] and leaves the weights to finalize (fewest launches); kWeightedAndReduced
+// reduces here (one more launch).
+std::shared_ptr<Experts> make_cuda_small_batch_experts(
+    const ExpertWeights& weights, const Activation& act,
+    TopKWeightApplied applied = TopKWeightApplied::kNone);
+// Grouped-GEMM experts for many tokens: tokens sorted by local expert on the device, CUTLASS sm90
+// grouped GEMM (TMA, warp-specialized) with per-expert sizes kept on the device;
+// kWeightedAndReduced (each token's rows are weighted and summed while unpermuting).
+std::shared_ptr<Experts> make_cuda_grouped_gemm_experts(const ExpertWeights& weights,
+                                                        const Activation& act);
+// Small-batch experts (kWeightedAndReduced) up to `max_small_tokens` dispatched rows, grouped
+// GEMM above.
+std::shared_ptr<Experts> make_cuda_experts(const ExpertWeights& weights, const Activation& act,
+                                           int64_t max_small_tokens = 16);
+
+}  // namespace moekit

@@ -1,0 +1,170 @@
+// The CUDA PrepareFinalize (single rank, no communication) and WeightAndReduce: host layers
+// that validate shapes, dtypes and devices (never data: no host synchronisation), then launch
+// the kernels of parts_kernels.cu on the caller's stream.
+#include <algorithm>
+#include <vector>
+
+#include "cuda/check.h"
+#include "cuda/kernels.h"
+#include "moekit/cuda.h"
+
+namespace moekit {
+namespace {
+
+void check_device(const TensorView& t, const char* part, const char* what) {
+  MOEKIT_CHECK(t.device.type == DeviceType::kCUDA, part, ": ", what, " must be a CUDA tensor, got ",
+               t.str());
+  check_row_major(t, what);
+  check_data(t, what);
+}
+
+class CudaPrepareFinalize final : public PrepareFinalize {
+ public:
+  CudaPrepareFinalize(ExpertMap map, int rank) : map_(std::move(map)), rank_(rank) {
+    MOEKIT_CHECK(rank >= 0 && rank < map_.num_ranks(), "cuda prepare/finalize: rank ", rank,
+                 " not in [0, ", map_.num_ranks(), ") of ", map_.str());
+    // [E] routes of this rank, the device copy of the expert map's table.
+    const int E = map_.num_experts();
+    std::vector<cuda::ExpertRoute> routes(E, cuda::ExpertRoute{-1, 1, 0});
+    const auto held = map_.local_to_global(rank_);
+    for (size_t slot = 0; slot < held.size(); ++slot) {
+      const int32_t e = held[slot];
+      const auto ranks = map_.replicas(e);
+      const auto it = std::find(ranks.begin(), ranks.end(), rank_);
+      routes[e] = {static_cast<int32_t>(slot), static_cast<int32_t>(ranks.size()),
+                   static_cast<int32_t>(it - ranks.begin())};
+    }
+    static_assert(sizeof(cuda::ExpertRoute) == 3 * sizeof(int32_t));
+    routes_ = CudaTensor(DType::kI32, {E, 3});
+    copy_to_device(TensorView(routes.data(), DType::kI32, {E, 3}), routes_);
+    bad_count_ = CudaTensor(DType::kI32, {1});
+    MOEKIT_CUDA_CHECK(cudaMemset(bad_count_.view().data, 0, sizeof(int32_t)));
+  }
+
+  std::string_view name() const override { return "cuda-local"; }
+  ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
+  const ExpertMap& expert_map() const override { return map_; }
+  int rank() const override { return rank_; }
+
+  std::optional<std::string> can_implement(const MoEProblem& p) const override {
+    if (p.num_experts != map_.num_experts())
+      return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
+             std::to_string(map_.num_experts());
+    if (!traits(p.act_dtype).is_float)
+      return "activation dtype " + std::string(moekit::name(p.act_dtype)) + " is not a float";
+    return std::nullopt;
+  }
+
+  int64_t max_dispatched_tokens(const MoEProblem& p) const override { return p.tokens; }
+
+  size_t workspace_size(const MoEProblem& p) const override {
+    // ids [M, k] int32 + weights [M, k] fp32 + a1 [M, H] bf16 (conversion or weight on input).
+    return 2 * Workspace::aligned(p.tokens * p.top_k * 4) +
+           Workspace::aligned(p.tokens * p.hidden * 2);
+  }
+
+  DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws,
+                          const ExecContext& ctx) override {
+    const char* part = "cuda prepare";
+    check_device(req.x, part, "x");
+    check_device(req.topk_ids, part, "topk_ids");
+    check_device(req.topk_weights, part, "topk_weights");
+    MOEKIT_CHECK(req.spec.dtype == DType::kBF16 && req.spec.scale == ScaleKind::kNone, part,
+                 ": only bf16 activations without scales are produced, the experts want ",
+                 moekit::name(req.spec.dtype));
+    const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
+    check_shape(req.topk_weights, {M, k}, "topk_weights");
+    check_dtype(req.topk_ids, DType::kI32, "topk_ids");
+    check_dtype(req.topk_weights, DType::kF32, "topk_weights");
+    MOEKIT_CHECK(!req.weight_on_input || k == 1, part, ": weight_on_input needs k = 1, got ", k);
+    const cudaStream_t stream = cuda::stream_of(ctx.stream);
+    DispatchedBatch b;
+    b.topk_ids = ws.take(DType::kI32, {M, k});
+    b.topk_weights = ws.take(DType::kF32, {M, k});
+    b.topk_ids.device = b.topk_weights.device = req.x.device;
+    cuda::map_ids(req.topk_ids.ptr<int32_t>(), req.topk_ids.stride[0],
+                  req.topk_weights.ptr<float>(), req.topk_weights.stride[0], M, static_cast<int>(k),
+                  routes_.data<cuda::ExpertRoute>(), map_.num_experts(), req.token_key_offset,
+                  req.weight_on_input, b.topk_ids.ptr<int32_t>(), b.topk_weights.ptr<float>(),
+                  bad_count_.data<int32_t>(), stream);
+    if (!req.weight_on_input && req.x.dtype == DType::kBF16) {
+      b.a1 = req.x;  // rows may be strided: the experts take a row stride
+      return b;
+    }
+    b.a1 = ws.take(DType::kBF16, {M, H});
+    b.a1.device = req.x.device;
+    cuda::convert_rows_to_bf16(req.x.data, req.x.dtype, req.x.stride[0], M, H,
+                               req.weight_on_input ? req.topk_weights.ptr<float>() : nullptr,
+                               req.topk_weights.stride[0], b.a1.ptr<uint16_t>(), stream);
+    return b;
+  }
+
+  void finalize(const FinalizeRequest& req, Workspace&, const ExecContext& ctx) override {
+    req.weight_and_reduce->apply(req.fused_out, req.topk_ids, req.topk_weights, req.applied, req.y,
+                                 ctx);
+  }
+
+  int64_t take_bad_count() const {
+    int32_t n = 0;
+    MOEKIT_CUDA_CHECK(cudaMemcpy(&n, bad_count_.view().data, sizeof n, cudaMemcpyDeviceToHost));
+    MOEKIT_CUDA_CHECK(cudaMemset(bad_count_.view().data, 0, sizeof n));
+    return n;
+  }
+
+ private:
+  ExpertMap map_;
+  int rank_;
+  CudaTensor routes_;     // [E, 3] ExpertRoute
+  CudaTensor bad_count_;  // [1] ids outside [-1, E) seen by prepare
+};
+
+class CudaWeightAndReduce final : public WeightAndReduce {
+ public:
+  std::string_view name() const override { return "cuda"; }
+
+  void apply(const TensorView& fused_out, const TensorView& topk_ids,
+             const TensorView& topk_weights, TopKWeightApplied applied, const TensorView& y,
+             const ExecContext& ctx) const override {
+    const char* part = "cuda weight-and-reduce";
+    for (const auto& [t, what] : {std::pair{&fused_out, "fused_out"},
+                                  {&topk_ids, "topk_ids"},
+                                  {&topk_weights, "topk_weights"},
+                                  {&y, "y"}})
+      check_device(*t, part, what);
+    const int64_t M = y.size(0), H = y.size(1), k = topk_ids.size(1);
+    const bool reduced = applied == TopKWeightApplied::kWeightedAndReduced;
+    if (reduced)
+      check_shape(fused_out, {M, H}, "fused_out");
+    else
+      check_shape(fused_out, {M, k, H}, "fused_out");
+    MOEKIT_CHECK(fused_out.is_contiguous(), part, ": fused_out must be contiguous, got ",
+                 fused_out.str());
+    check_dtype(fused_out, DType::kF32, "fused_out");
+    check_shape(topk_ids, {M, k}, "topk_ids");
+    check_shape(topk_weights, {M, k}, "topk_weights");
+    check_dtype(topk_ids, DType::kI32, "topk_ids");
+    check_dtype(topk_weights, DType::kF32, "topk_weights");
+    cuda::weight_and_reduce(fused_out.ptr<float>(), M, static_cast<int>(k), H, reduced,
+                            topk_ids.ptr<int32_t>(), topk_ids.stride[0], topk_weights.ptr<float>(),
+                            topk_weights.stride[0], applied == TopKWeightApplied::kNone, y.data,
+                            y.dtype, y.stride[0], cuda::stream_of(ctx.stream));
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<PrepareFinalize> make_cuda_prepare_finalize(ExpertMap map, int rank) {
+  return std::make_shared<CudaPrepareFinalize>(std::move(map), rank);
+}
+
+int64_t cuda_bad_id_count(const PrepareFinalize& pf) {
+  const auto* cuda_pf = dynamic_cast<const CudaPrepareFinalize*>(&pf);
+  MOEKIT_CHECK(cuda_pf, "cuda_bad_id_count: '", pf.name(), "' is not a CUDA prepare/finalize");
+  return cuda_pf->take_bad_count();
+}
+
+std::shared_ptr<WeightAndReduce> make_cuda_weight_and_reduce() {
+  return std::make_shared<CudaWeightAndReduce>();
+}
+
+}  // namespace moekit

@@ -1,0 +1,124 @@
+// Kernels of the CUDA PrepareFinalize and WeightAndReduce: id mapping, input conversion and the
+// deterministic weight-and-reduce.
+#include "cuda/check.h"
+#include "cuda/device.cuh"
+#include "cuda/kernels.h"
+
+namespace moekit::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void map_ids_kernel(const int32_t* __restrict__ global_ids, int64_t ids_stride,
+                               const float* __restrict__ weights, int64_t weights_stride, int64_t M,
+                               int k, const ExpertRoute* __restrict__ routes, int E,
+                               int64_t token_key_offset, bool weight_on_input,
+                               int32_t* __restrict__ local_ids, float* __restrict__ local_weights,
+                               int32_t* __restrict__ bad_count) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= M * k) return;
+  const int64_t t = i / k;
+  const int s = static_cast<int>(i % k);
+  const int32_t id = global_ids[t * ids_stride + s];
+  int32_t local = -1;
+  if (id >= 0 && id < E) {
+    const ExpertRoute r = routes[id];
+    if (r.slot >= 0) {
+      const int64_t key = token_key_offset + t;
+      const int64_t n = r.num_replicas;
+      local = (((key % n) + n) % n) == r.replica_index ? r.slot : -1;
+    }
+  } else if (id != -1) {
+    atomicAdd(bad_count, 1);
+  }
+  local_ids[i] = local;
+  local_weights[i] = weight_on_input ? 1.0f : weights[t * weights_stride + s];
+}
+
+template <typename T>
+__global__ void convert_rows_kernel(const T* __restrict__ x, int64_t x_stride, int64_t H,
+                                    const float* __restrict__ row_scale, int64_t scale_stride,
+                                    uint16_t* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  const float scale = row_scale ? row_scale[t * scale_stride] : 1.0f;
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x)
+    out[t * H + h] = float_to_bf16_bits(load_float(x, t * x_stride + h) * scale);
+}
+
+// Block (t, y): token t, columns [y * kThreads * kCols, ...) with kCols consecutive columns per
+// thread. The token's ids and weights are staged in shared memory first, so the k loads of
+// fused_out per column are independent (not a chain behind each id load). Slots summed in order
+// 0..k-1: deterministic.
+constexpr int kCols = 4;
+
+template <typename T>
+__global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k, int64_t H,
+                                         bool reduced, const int32_t* __restrict__ ids,
+                                         int64_t ids_stride, const float* __restrict__ weights,
+                                         int64_t weights_stride, bool apply_weights,
+                                         T* __restrict__ y, int64_t y_stride) {
+  extern __shared__ float slot_weight[];  // [k]; NaN marks a skipped slot
+  const int64_t t = blockIdx.x;
+  const int64_t h0 = (blockIdx.y * int64_t(blockDim.x) + threadIdx.x) * kCols;
+  if (!reduced) {
+    for (int s = threadIdx.x; s < k; s += blockDim.x)
+      slot_weight[s] = ids[t * ids_stride + s] < 0 ? __int_as_float(0x7fffffff)
+                       : apply_weights             ? weights[t * weights_stride + s]
+                                                   : 1.0f;
+    __syncthreads();
+  }
+  float acc[kCols] = {};
+  for (int s = 0; s < (reduced ? 1 : k); ++s) {
+    const float w = reduced ? 1.0f : slot_weight[s];
+    if (isnan(w) && !reduced) continue;
+    const float* row = fused + (reduced ? t : t * k + s) * H;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+      if (h0 + c < H) acc[c] = fmaf(w, row[h0 + c], acc[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c)
+    if (h0 + c < H) store_float(y, t * y_stride + h0 + c, acc[c]);
+}
+
+}  // namespace
+
+void map_ids(const int32_t* global_ids, int64_t ids_stride, const float* weights,
+             int64_t weights_stride, int64_t M, int k, const ExpertRoute* routes, int E,
+             int64_t token_key_offset, bool weight_on_input, int32_t* local_ids,
+             float* local_weights, int32_t* bad_count, cudaStream_t stream) {
+  if (M == 0) return;
+  map_ids_kernel<<<blocks_for(M * k, kThreads), kThreads, 0, stream>>>(
+      global_ids, ids_stride, weights, weights_stride, M, k, routes, E, token_key_offset,
+      weight_on_input, local_ids, local_weights, bad_count);
+  MOEKIT_CUDA_CHECK_LAUNCH();
+}
+
+void convert_rows_to_bf16(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
+                          const float* row_scale, int64_t scale_stride, uint16_t* out,
+                          cudaStream_t stream) {
+  if (M == 0) return;
+  with_float_type(x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    convert_rows_kernel<T><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), x_stride, H, row_scale, scale_stride, out);
+  });
+  MOEKIT_CUDA_CHECK_LAUNCH();
+}
+
+void weight_and_reduce(const float* fused, int64_t M, int k, int64_t H, bool reduced,
+                       const int32_t* ids, int64_t ids_stride, const float* weights,
+                       int64_t weights_stride, bool apply_weights, void* y, DType y_dtype,
+                       int64_t y_stride, cudaStream_t stream) {
+  if (M == 0) return;
+  with_float_type(y_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(M), blocks_for(H, kThreads * kCols));
+    weight_and_reduce_kernel<T><<<grid, kThreads, k * sizeof(float), stream>>>(
+        fused, k, H, reduced, ids, ids_stride, weights, weights_stride, apply_weights,
+        static_cast<T*>(y), y_stride);
+  });
+  MOEKIT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moekit::cuda
