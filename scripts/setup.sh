@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev)
+# libopenmpi-dev/openmpi-bin: expert parallelism across processes (tests run under mpiexec).
+packages=(cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,6 +18,13 @@ if ((${#missing[@]})); then
     echo "setup: missing packages: ${missing[*]} (install them, e.g. sudo apt-get install ...)" >&2
     exit 1
   fi
+fi
+
+# The CUDA backend builds when nvcc is present (no GPU needed to compile); it needs the CUTLASS
+# 4.2 headers of the PyPI wheel nvidia-cutlass (only the headers: --no-deps).
+if command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  python3 -c 'import cutlass_library' 2>/dev/null ||
+    python3 -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 fi
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
