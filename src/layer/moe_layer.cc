@@ -52,6 +52,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& logits, const Tens
   const int64_t M = x.size(0);
   check_shape(logits, {M, config_.router.num_experts}, "router_logits");
   check_shape(y, {M, config_.hidden}, "y");
+  // Chunks are checked one by one below; an overlap across chunks must be caught here, before
+  // the first chunk writes y.
+  MOEKIT_CHECK(!y.overlaps(x), "y overlaps x (in-place is not supported)");
+  MOEKIT_CHECK(!y.overlaps(logits), "y overlaps router_logits");
   const int64_t chunk = config_.chunk_tokens;
   for (int64_t begin = 0; begin < M; begin += chunk) {
     const int64_t end = std::min(M, begin + chunk);
