@@ -25,7 +25,7 @@ struct ReferenceArgs {
   bool round_intermediate_to_bf16 = false;
 };
 
-// y: [M, H] fp32 or fp64 output (double accumulation either way).
+// y: [M, H] fp32 output of the double accumulation (DType has no fp64 yet).
 void reference_moe(const ReferenceArgs& args, const TensorView& y);
 
 // Plain-loop Experts (standard format, kNone) over any float weights: a second, independent

@@ -1,0 +1,201 @@
+// Contract checks (DESIGN.md section 2) shared by the GoogleTest suite and `moekit check`:
+// deterministic test data, comparisons that name the first bad coordinate, the error bound of
+// each activation dtype, the placements, the registry of PrepareFinalize and Experts
+// implementations, and a runner that checks every composition against the oracle.
+//
+//   CheckOptions opts;                      // E, H, I, k, tokens, what to sweep
+//   CheckReport report = run_contract_suite(opts);
+//   for (const CaseResult& r : report.results) if (!r.passed) print(r.str());
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moekit/activation.h"
+#include "moekit/modular.h"
+#include "moekit/placement.h"
+#include "moekit/router.h"
+
+namespace moekit::check {
+
+// ---- deterministic data -----------------------------------------------------------------
+
+// Seeds derived from a base seed and a value or a name, so each case draws its own data.
+uint64_t mix_seed(uint64_t seed, uint64_t value);
+uint64_t mix_seed(uint64_t seed, std::string_view text);
+
+// Uniform values in [lo, hi), rounded to t's float dtype. Element i (row-major logical index)
+// depends only on (seed, i): the same on every platform and whatever t's strides.
+void fill_uniform(const TensorView& t, uint64_t seed, double lo, double hi);
+
+// Global weights [E, ...] and the ExpertWeights viewing them.
+struct LayerWeights {
+  Tensor w13, w2, b13, b2;  // b13, b2 empty when the layer has no biases
+  ExpertWeights view() const;
+};
+// Scaled so that gates have a standard deviation of about 2.5 for x in [-3, 3) (SwiGLU-OAI's
+// clamp at 7 is hit by about 1% of them) and y is of order 1.
+LayerWeights make_random_weights(int64_t num_experts, int64_t hidden, int64_t intermediate,
+                                 const Activation& act, DType dtype, bool bias, uint64_t seed);
+
+// Routing drawn through the real router (route()).
+struct Routing {
+  RouterConfig config;
+  bool weight_on_input = false;  // the layer applies the weight to x (Llama-4)
+  Tensor logits;                 // [M, E] fp32
+  Tensor correction_bias;        // [E] fp32, kSigmoidGroupedTopK only
+  Tensor topk_ids;               // [M, k] int32 global ids, -1 padding
+  Tensor topk_weights;           // [M, k] fp32
+  TensorView bias_view() const;  // absent when the method uses none
+};
+// The router configuration the checks use for `method` over E experts (E divisible by 4 for
+// grouped top-k: 4 groups, keep 2, scale 2.5); k is forced to 1 for Llama-4.
+RouterConfig router_config(RoutingMethod method, int num_experts, int top_k);
+// Routes M rows of random logits. padding_period p > 0 makes row t a padding row (all ids -1)
+// when t % p == p - 1, and pads the last slot of row t when t % p == p / 2 (k > 1).
+Routing make_random_routing(const RouterConfig& config, int64_t tokens, uint64_t seed,
+                            int64_t padding_period = 0);
+
+// ---- comparisons ------------------------------------------------------------------------
+
+struct Mismatch {
+  int64_t row = 0, col = 0;
+  double got = 0, want = 0, scale = 0;
+};
+
+struct Comparison {
+  double max_err = 0;  // max |got - want| / row scale (0/0 counts 0, x/0 counts +inf)
+  double bound = 0;
+  std::optional<Mismatch> first_bad;  // row-major first coordinate beyond the bound
+  bool ok() const { return !first_bad; }
+  std::string str() const;  // "max err 0.0012 <= 0.0156" or the first bad coordinate
+};
+
+// got, want: [M, N] float views (any float dtypes, last dim contiguous). A coordinate is bad
+// when !(|got - want| <= bound * scale[row]) -- NaN is always bad. row_scale: [M] (empty: the
+// max |want| of each row, so a row that should be zero must be exactly zero).
+Comparison compare_rows(const TensorView& got, const TensorView& want, double bound,
+                        std::span<const double> row_scale = {});
+// Same dtype and shape ([M, N], last dim contiguous), equal bit for bit.
+Comparison compare_bits(const TensorView& got, const TensorView& want);
+
+// ---- error bounds -----------------------------------------------------------------------
+
+// Allowed |y - y_ref| / row scale for a kernel with activation dtype `dtype` whose output is the
+// sum of `num_ranks` ranks' outputs; the derivation is next to the definition (check_data.cc).
+double error_bound(DType dtype, int num_ranks, bool weight_on_input, int64_t hidden,
+                   int64_t intermediate);
+
+// ---- placements -------------------------------------------------------------------------
+
+enum class Placement { kLinear, kRoundRobin, kShuffledTable, kReplicated };
+std::string_view name(Placement p);
+Placement parse_placement(std::string_view s);  // "linear", "round_robin", "shuffled", "replicated"
+// False for combinations that do not exist (E not divisible by the ranks; replicas on 1 rank;
+// round-robin on 1 rank, which is linear).
+bool placement_applies(Placement p, int num_experts, int num_ranks);
+// Deterministic from seed. kShuffledTable: a shuffled, uneven table (with 3+ ranks the last
+// rank holds no expert). kReplicated: linear, plus expert 0 on every rank and each rank a
+// replica of its successor's first expert.
+ExpertMap make_placement(Placement p, int num_experts, int num_ranks, uint64_t seed);
+
+// ---- registry ---------------------------------------------------------------------------
+
+struct ExpertsEntry {
+  std::string name;
+  // Builds the Experts of one rank from its local weights; threads 0: all hardware threads.
+  std::function<std::shared_ptr<Experts>(const ExpertWeights&, const Activation&, int threads)>
+      make;
+  // A token's output does not depend on the other rows of the batch; the checks then demand
+  // bit-exact agreement where arithmetic allows (rank split with k = 1, chunking).
+  bool batch_invariant = false;
+};
+
+struct PrepareFinalizeEntry {
+  std::string name;
+  std::function<std::shared_ptr<PrepareFinalize>(const ExpertMap&, int rank)> make;
+};
+
+// reference; cpu-<isa> for each ISA family this CPU supports; fallback (the best CPU ISA for
+// <= 16 rows, scalar above).
+std::vector<ExpertsEntry> experts_registry();
+// local (single process; one rank's share of a multi-rank map).
+std::vector<PrepareFinalizeEntry> prepare_finalize_registry();
+
+// ---- the suite --------------------------------------------------------------------------
+
+// One composition: the sweep runs it for every token count of CheckOptions::tokens.
+struct CheckCase {
+  std::string experts, prepare_finalize;
+  Placement placement = Placement::kLinear;
+  int ranks = 1;
+  RoutingMethod routing = RoutingMethod::kSoftmaxTopK;
+  Activation activation;
+  bool bias = false;
+  DType dtype = DType::kBF16;
+  // "cpu-avx2/local/round_robin x2/softmax_topk/silu/bf16" (+ "/bias").
+  std::string name() const;
+};
+
+struct CaseResult {
+  CheckCase kase;
+  int64_t tokens = 0;
+  bool passed = false;
+  double max_err = 0, bound = 0;  // of the comparison closest to its bound
+  std::string detail;             // the failing check and its first bad coordinate, or errors
+  std::string str() const;
+};
+
+struct CheckOptions {
+  int num_experts = 8;
+  int64_t hidden = 67, intermediate = 45;  // odd: every SIMD tail is exercised
+  int top_k = 2;                           // Llama-4 routing always uses 1
+  std::vector<int64_t> tokens = {1, 7, 19, 99, 111};
+  std::vector<DType> dtypes = {DType::kBF16};
+  std::vector<Activation> activations = {Activation{}};
+  std::vector<RoutingMethod> routing = {RoutingMethod::kSoftmaxTopK, RoutingMethod::kTopKSoftmax,
+                                        RoutingMethod::kSigmoidGroupedTopK,
+                                        RoutingMethod::kLlama4Top1Sigmoid};
+  std::vector<Placement> placements = {Placement::kLinear, Placement::kRoundRobin,
+                                       Placement::kShuffledTable, Placement::kReplicated};
+  std::vector<int> ranks = {1, 2, 4};
+  std::vector<bool> biases = {false};
+  std::vector<std::string> experts;  // registry names; empty: all
+  // Checked alongside the registry (an implementation under development, or a deliberately
+  // broken one that the suite must catch); selected by `experts` like the registered ones.
+  std::vector<ExpertsEntry> extra_experts;
+  std::vector<std::string> prepare_finalize;  // registry names; empty: all
+  int threads = 0;                            // CPU experts and weight-and-reduce; 0: all
+  int64_t chunk_tokens = 64;                  // < max tokens, so chunking is exercised
+  int64_t token_key_offset = 3;               // replica choice must follow the global row
+  int64_t padding_period = 6;                 // see make_random_routing
+  uint64_t seed = 0x6d6f656b6974;
+  // Called after each (case, tokens) result; done counts results so far, total all of them.
+  std::function<void(const CaseResult&, size_t done, size_t total)> progress;
+};
+
+struct CheckReport {
+  std::vector<CaseResult> results;
+  size_t passed() const;
+  size_t failed() const;
+  bool ok() const { return failed() == 0; }
+};
+
+// The cases the options select (the cross product, less combinations that do not apply);
+// throws moekit::Error naming an unknown registry name.
+std::vector<CheckCase> enumerate_cases(const CheckOptions& options);
+// Runs one case for every token count. Never throws: errors become failed results.
+// Per token count it checks, against reference_moe on the same inputs:
+//   each rank's output vs the oracle's share of that rank (rows it does not serve: exact 0);
+//   the sum of the ranks vs the whole layer; one rank over linear(E, 1) vs the whole layer;
+//   the rank sum vs that single-rank result (bit-exact for batch-invariant experts with k = 1).
+std::vector<CaseResult> run_case(const CheckCase& kase, const CheckOptions& options);
+CheckReport run_contract_suite(const CheckOptions& options);
+
+}  // namespace moekit::check
