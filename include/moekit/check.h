@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moekit/activation.h"
+#include "moekit/dist/communicator.h"
 #include "moekit/modular.h"
 #include "moekit/placement.h"
 #include "moekit/router.h"
@@ -119,14 +120,28 @@ struct ExpertsEntry {
 
 struct PrepareFinalizeEntry {
   std::string name;
-  std::function<std::shared_ptr<PrepareFinalize>(const ExpertMap&, int rank)> make;
+  // Builds rank `rank`'s PrepareFinalize of `map`. In-process entries (distributed false) get no
+  // communicator and compute one rank's share; distributed ones move tokens through `comm` (a
+  // single-process one when the suite runs in one process) and take at most max_tokens rows per
+  // rank and forward.
+  std::function<std::shared_ptr<PrepareFinalize>(const ExpertMap& map, int rank,
+                                                 std::shared_ptr<Communicator> comm,
+                                                 int64_t max_tokens)>
+      make;
+  bool distributed = false;
 };
 
 // reference; cpu-<isa> for each ISA family this CPU supports; fallback (the best CPU ISA for
 // <= 16 rows, scalar above).
 std::vector<ExpertsEntry> experts_registry();
-// local (single process; one rank's share of a multi-rank map).
+// local (single process; one rank's share of a multi-rank map); naive, all_to_all and
+// low_latency (distributed: over MPI ranks, or one rank in process; low_latency is batched, and
+// the suite wraps the experts with make_batched_experts).
 std::vector<PrepareFinalizeEntry> prepare_finalize_registry();
+
+// Rows of each of `ranks` ranks when `total` tokens are spread unevenly (rank r weighs 3 + 9 r;
+// with 3+ ranks the last one gets none), as the distributed checks spread them.
+std::vector<int64_t> split_rows(int64_t total, int ranks);
 
 // ---- the suite --------------------------------------------------------------------------
 
@@ -171,6 +186,10 @@ struct CheckOptions {
   // broken one that the suite must catch); selected by `experts` like the registered ones.
   std::vector<ExpertsEntry> extra_experts;
   std::vector<std::string> prepare_finalize;  // registry names; empty: all
+  // Set when every rank of an MPI job runs the suite: the cases then use the distributed
+  // prepare/finalize entries over communicator->size() ranks, each process computing its own
+  // tokens (split_rows), compared with the oracle and with a single-rank kernel.
+  std::shared_ptr<Communicator> communicator;
   int threads = 0;                            // CPU experts and weight-and-reduce; 0: all
   int64_t chunk_tokens = 64;                  // < max tokens, so chunking is exercised
   int64_t token_key_offset = 3;               // replica choice must follow the global row

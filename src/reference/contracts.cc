@@ -6,6 +6,7 @@
 
 #include "moekit/check.h"
 #include "moekit/cpu.h"
+#include "moekit/dist/ep.h"
 #include "moekit/reference.h"
 
 namespace moekit::check {
@@ -159,8 +160,37 @@ std::vector<ExpertsEntry> experts_registry() {
 }
 
 std::vector<PrepareFinalizeEntry> prepare_finalize_registry() {
-  return {{"local",
-           [](const ExpertMap& map, int rank) { return make_local_prepare_finalize(map, rank); }}};
+  using Comm = std::shared_ptr<Communicator>;
+  return {
+      {"local",
+       [](const ExpertMap& map, int rank, Comm, int64_t) {
+         return make_local_prepare_finalize(map, rank);
+       }},
+      {"naive",
+       [](const ExpertMap& map, int, Comm comm, int64_t) {
+         return make_naive_prepare_finalize(comm, map);
+       },
+       true},
+      {"all_to_all",
+       [](const ExpertMap& map, int, Comm comm, int64_t) {
+         return make_all_to_all_prepare_finalize(comm, map);
+       },
+       true},
+      {"low_latency",
+       [](const ExpertMap& map, int, Comm comm, int64_t max_tokens) {
+         return make_low_latency_prepare_finalize(comm, map, max_tokens);
+       },
+       true},
+  };
+}
+
+std::vector<int64_t> split_rows(int64_t total, int ranks) {
+  std::vector<int64_t> weight(ranks), rows(ranks);
+  int64_t sum = 0, given = 0;
+  for (int r = 0; r < ranks; ++r) sum += weight[r] = (ranks >= 3 && r == ranks - 1) ? 0 : 3 + 9 * r;
+  for (int r = 0; r < ranks; ++r) given += rows[r] = total * weight[r] / sum;
+  rows[0] += total - given;
+  return rows;
 }
 
 // ---- cases ------------------------------------------------------------------------------
@@ -194,7 +224,15 @@ std::vector<ExpertsEntry> all_experts(const CheckOptions& o) {
 
 std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
   const auto experts = selected(all_experts(o), o.experts, "experts");
-  const auto pfs = selected(prepare_finalize_registry(), o.prepare_finalize, "prepare/finalize");
+  const auto registry = prepare_finalize_registry();
+  const auto pfs = selected(registry, o.prepare_finalize, "prepare/finalize");
+  // In one process, distributed entries run as one rank; under MPI only they run, over all.
+  const int world = o.communicator ? o.communicator->size() : 0;
+  auto applies = [&](const std::string& pf, int ranks) {
+    const bool distributed = find_entry(registry, pf, "prepare/finalize").distributed;
+    return world ? distributed && ranks == world : !distributed || ranks == 1;
+  };
+  const std::vector<int> rank_counts = world ? std::vector<int>{world} : o.ranks;
   for (RoutingMethod m : o.routing)
     if (auto r = router_config(m, o.num_experts, o.top_k).validate())
       MOEKIT_FAIL("check: routing ", moekit::name(m), ": ", *r);
@@ -204,11 +242,12 @@ std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
       for (bool bias : o.biases)
         for (RoutingMethod routing : o.routing)
           for (Placement placement : o.placements)
-            for (int ranks : o.ranks) {
+            for (int ranks : rank_counts) {
               if (!placement_applies(placement, o.num_experts, ranks)) continue;
               for (const std::string& e : experts)
                 for (const std::string& pf : pfs)
-                  cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype});
+                  if (applies(pf, ranks))
+                    cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype});
             }
   return cases;
 }
@@ -219,8 +258,10 @@ namespace {
 
 // The case's kernels, built once and run for every token count.
 struct CaseKernels {
-  std::vector<std::unique_ptr<ModularKernel>> ranks;  // one per rank of the case's map
-  std::unique_ptr<ModularKernel> single;              // linear(E, 1); null when ranks == 1
+  // In process: one per rank of the case's map. Under MPI: this process's rank only.
+  std::vector<std::unique_ptr<ModularKernel>> ranks;
+  std::unique_ptr<ModularKernel> single;  // local PF over linear(E, 1); null for 1 rank in process
+  bool bit_exact = false;                 // the distributed output must equal `single` bit for bit
 };
 
 // Keeps the first failure and the comparison closest to its bound.
@@ -320,6 +361,40 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
                 compare_rows(sum, single, bound_r + bound_1, scale));
 }
 
+// One MPI rank's share of a distributed case: its rows (split_rows) through the EP kernel must
+// match the single-rank kernel on the whole batch and the oracle.
+void run_tokens_distributed(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
+                            const LayerWeights& w, uint64_t seed, CaseResult& result) {
+  const int64_t M = result.tokens, H = o.hidden, I = o.intermediate;
+  const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
+  const Routing rt = make_random_routing(rc, M, mix_seed(seed, uint64_t(M)), o.padding_period);
+  Tensor x(c.dtype, {M, H});
+  fill_uniform(x, mix_seed(seed, ~uint64_t(M)), -3.0, 3.0);
+  const int me = o.communicator->rank();
+  const std::vector<int64_t> rows = split_rows(M, c.ranks);
+  int64_t begin = 0;
+  for (int r = 0; r < me; ++r) begin += rows[r];
+  const int64_t end = begin + rows[me];
+
+  Tensor y(x.dtype(), {rows[me], H});
+  std::memset(y.data<char>(), 0xff, y.view().nbytes());
+  kernels.ranks[0]->forward({x.view().slice0(begin, end), rt.topk_ids.view().slice0(begin, end),
+                             rt.topk_weights.view().slice0(begin, end), y.view(),
+                             rt.weight_on_input, o.token_key_offset + begin});
+  const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
+  const Tensor whole = reference(w, c.activation, x, rt, nullptr, 0, o.token_key_offset);
+  const double bound = error_bound(c.dtype, c.ranks, rt.weight_on_input, H, I);
+  Verdict verdict(result);
+  verdict.add(detail::concat("rank ", me, "'s rows [", begin, ", ", end, ") vs the oracle"),
+              compare_rows(y, whole.view().slice0(begin, end), bound));
+  if (kernels.bit_exact)
+    verdict.add(detail::concat("rank ", me, " vs linear(E, 1) (must be bit-exact)"),
+                compare_bits(y, single.view().slice0(begin, end)));
+  else
+    verdict.add(detail::concat("rank ", me, " vs linear(E, 1)"),
+                compare_rows(y, single.view().slice0(begin, end), 2 * bound));
+}
+
 }  // namespace
 
 std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
@@ -337,30 +412,48 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
   try {
     const std::vector<ExpertsEntry> entries = all_experts(o);
     const ExpertsEntry& ee = find_entry(entries, c.experts, "experts");
-    const PrepareFinalizeEntry& pe =
-        find_entry(prepare_finalize_registry(), c.prepare_finalize, "prepare/finalize");
+    const std::vector<PrepareFinalizeEntry> registry = prepare_finalize_registry();
+    const PrepareFinalizeEntry& pe = find_entry(registry, c.prepare_finalize, "prepare/finalize");
     const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
     weights = make_random_weights(o.num_experts, o.hidden, o.intermediate, c.activation, c.dtype,
                                   c.bias, seed);
     map = make_placement(c.placement, o.num_experts, c.ranks, seed);
     exact_split = ee.batch_invariant && rc.top_k == 1;
     auto wr = make_cpu_weight_and_reduce(o.threads);
-    const KernelConfig kc{rc.top_k, c.dtype, o.chunk_tokens};
-    auto build = [&](const ExpertMap& m, int rank) {
-      return std::make_unique<ModularKernel>(
-          pe.make(m, rank),
-          ee.make(ExpertWeights::local_view(weights.view(), m, rank), c.activation, o.threads), wr,
-          kc);
+    // The most rows one rank passes to forward: what low-latency slabs (and its one round) hold.
+    int64_t max_tokens = 1;
+    for (int64_t M : o.tokens)
+      for (int64_t rows : split_rows(M, c.ranks)) max_tokens = std::max(max_tokens, rows);
+    auto comm = o.communicator ? o.communicator : make_single_communicator();
+    auto build = [&](const PrepareFinalizeEntry& entry, const ExpertMap& m, int rank) {
+      auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr, max_tokens);
+      auto experts =
+          ee.make(ExpertWeights::local_view(weights.view(), m, rank), c.activation, o.threads);
+      const bool batched = pf->activation_format() == ActivationFormat::kBatched;
+      if (batched) experts = make_batched_experts(experts);
+      const KernelConfig kc{rc.top_k, c.dtype, batched ? max_tokens : o.chunk_tokens};
+      return std::make_unique<ModularKernel>(pf, experts, wr, kc);
     };
-    for (int r = 0; r < c.ranks; ++r) kernels.ranks.push_back(build(*map, r));
-    if (c.ranks > 1) kernels.single = build(ExpertMap::linear(o.num_experts, 1), 0);
+    const PrepareFinalizeEntry& local = find_entry(registry, "local", "prepare/finalize");
+    if (o.communicator) {
+      kernels.ranks.push_back(build(pe, *map, o.communicator->rank()));
+      kernels.single = build(local, ExpertMap::linear(o.num_experts, 1), 0);
+      // Naive EP sums per-rank partials; the others reduce every token's slots on its owner.
+      kernels.bit_exact = ee.batch_invariant && c.prepare_finalize != "naive";
+    } else {
+      for (int r = 0; r < c.ranks; ++r) kernels.ranks.push_back(build(pe, *map, r));
+      if (c.ranks > 1) kernels.single = build(local, ExpertMap::linear(o.num_experts, 1), 0);
+    }
   } catch (const std::exception& e) {
     for (CaseResult& r : results) r.detail = std::string("setup threw: ") + e.what();
     return results;
   }
   for (CaseResult& r : results) {
     try {
-      run_tokens(c, o, kernels, weights, *map, exact_split, seed, r);
+      if (o.communicator)
+        run_tokens_distributed(c, o, kernels, weights, seed, r);
+      else
+        run_tokens(c, o, kernels, weights, *map, exact_split, seed, r);
     } catch (const std::exception& e) {
       r.passed = false;
       r.detail = std::string("threw: ") + e.what();

@@ -3,8 +3,6 @@
 // bit for bit where the arithmetic is the same, and the oracle within the dtype bound.
 #include <gtest/gtest.h>
 
-#include <numeric>
-
 #include "moekit/cpu.h"
 #include "moekit/dist/ep.h"
 #include "support/test_support.h"
@@ -14,122 +12,32 @@ namespace {
 
 std::shared_ptr<Communicator> g_comm;
 
-enum class EpKind { kNaive, kAllToAll, kLowLatency };
-constexpr std::string_view kEpNames[] = {"naive", "all_to_all", "low_latency"};
-
-// How the batch is spread over the ranks.
-enum class Split { kUneven, kOneRankExperts };
-
-struct EpCase {
-  EpKind kind;
-  check::Placement placement;
-  std::string experts;
-  RoutingMethod routing;
-  Split split;
-};
-
-std::string case_name(const ::testing::TestParamInfo<EpCase>& info) {
-  const EpCase& c = info.param;
-  return test_name(std::string(kEpNames[static_cast<int>(c.kind)]) + "_" +
-                   std::string(check::name(c.placement)) + "_" + c.experts + "_" +
-                   std::string(name(c.routing)) +
-                   (c.split == Split::kUneven ? "_uneven" : "_one_rank_experts"));
+// The contract suite across real ranks: every distributed prepare/finalize x experts x placement
+// x routing; each rank checks its own tokens against the oracle and a single-rank kernel.
+check::CheckOptions ep_options() {
+  check::CheckOptions o;
+  o.communicator = g_comm;
+  o.experts = {"reference", "cpu-" + std::string(name(detect_cpu_isa()))};
+  o.routing = {RoutingMethod::kSoftmaxTopK, RoutingMethod::kSigmoidGroupedTopK,
+               RoutingMethod::kLlama4Top1Sigmoid};
+  o.tokens = {1, 7, 19, 41, 111};
+  o.chunk_tokens = 16;  // several rounds, different per rank
+  o.threads = 1;
+  return o;
 }
 
-// Rows of rank r: uneven counts (rank r gets 3 + 9 r of every 3R + 9R(R-1)/2 rows; the last
-// rank gets none when there are 3+ ranks).
-std::vector<int64_t> split_rows(int64_t total, int R) {
-  std::vector<int64_t> weight(R);
-  for (int r = 0; r < R; ++r) weight[r] = (R >= 3 && r == R - 1) ? 0 : 3 + 9 * r;
-  const int64_t sum = std::accumulate(weight.begin(), weight.end(), int64_t{0});
-  std::vector<int64_t> rows(R);
-  int64_t given = 0;
-  for (int r = 0; r < R; ++r) given += rows[r] = total * weight[r] / sum;
-  rows[0] += total - given;
-  return rows;
+class EpContracts : public ::testing::TestWithParam<check::CheckCase> {};
+
+TEST_P(EpContracts, MatchesOracleAndSingleRank) {
+  for (const check::CaseResult& r : check::run_case(GetParam(), ep_options()))
+    EXPECT_TRUE(r.passed) << "rank " << g_comm->rank() << ": " << r.str();
 }
 
-class EpMpi : public ::testing::TestWithParam<EpCase> {};
-
-TEST_P(EpMpi, EqualsSingleRankAndOracle) {
-  const EpCase& c = GetParam();
-  Communicator& comm = *g_comm;
-  const int R = comm.size(), me = comm.rank();
-  if (!check::placement_applies(c.placement, 8, R)) GTEST_SKIP() << "placement n/a";
-  LayerSpec spec;
-  spec.num_experts = 8;
-  spec.hidden = 67;
-  spec.intermediate = 45;
-  spec.top_k = 2;
-  spec.tokens = 41;
-  spec.routing = c.routing;
-  spec.padding_period = 7;
-  TestLayer layer(spec);
-  const ExpertMap map = check::make_placement(c.placement, 8, R, 11);
-  const int k = layer.routing.config.top_k;
-
-  if (c.split == Split::kOneRankExperts) {  // every slot picks an expert rank 0 holds
-    const auto mine = map.local_to_global(0);
-    if (static_cast<int>(mine.size()) < k) GTEST_SKIP() << "rank 0 holds fewer than k experts";
-    for (int64_t t = 0; t < spec.tokens; ++t)
-      for (int s = 0; s < k; ++s)
-        layer.routing.topk_ids.data<int32_t>()[t * k + s] = mine[(t + s) % mine.size()];
-  }
-  const std::vector<int64_t> rows = split_rows(spec.tokens, R);
-  const int64_t begin = std::accumulate(rows.begin(), rows.begin() + me, int64_t{0});
-  const int64_t M = rows[me];
-
-  // Single-rank layer on the whole batch (every rank computes it).
-  const check::ExpertsEntry& entry = experts_entry(c.experts);
-  auto single = layer.kernel(entry, 16);
-  const Tensor y_single = layer.forward(*single);
-  const Tensor ref = layer.reference();
-
-  // This rank's kernel.
-  std::shared_ptr<Experts> experts = entry.make(
-      ExpertWeights::local_view(layer.weights.view(), map, me), spec.activation, 1);
-  std::shared_ptr<PrepareFinalize> pf;
-  int64_t chunk = 16;
-  switch (c.kind) {
-    case EpKind::kNaive: pf = make_naive_prepare_finalize(g_comm, map); break;
-    case EpKind::kAllToAll: pf = make_all_to_all_prepare_finalize(g_comm, map); break;
-    case EpKind::kLowLatency:
-      chunk = *std::max_element(rows.begin(), rows.end());
-      pf = make_low_latency_prepare_finalize(g_comm, map, chunk);
-      experts = make_batched_experts(experts);
-      break;
-  }
-  ModularKernel kernel(pf, experts, make_cpu_weight_and_reduce(1),
-                       {k, spec.dtype, std::max<int64_t>(chunk, 1)});
-  const TensorView x = layer.x.view().slice0(begin, begin + M);
-  const TensorView ids = layer.routing.topk_ids.view().slice0(begin, begin + M);
-  const TensorView w = layer.routing.topk_weights.view().slice0(begin, begin + M);
-  const Tensor y = forward(kernel, x, ids, w, layer.routing.weight_on_input, begin);
-
-  const TensorView want = y_single.view().slice0(begin, begin + M);
-  // Same per-(token, slot) arithmetic and slot-order reduction: bit-exact unless the naive
-  // path sums per-rank partials, or the experts' rows depend on the rest of the batch.
-  if (entry.batch_invariant && c.kind != EpKind::kNaive)
-    EXPECT_TRUE(bits_equal(y, want)) << "rank " << me;
-  else
-    EXPECT_TRUE(rows_match(y, want, layer.bound(R))) << "rank " << me;
-  EXPECT_TRUE(rows_match(y, ref.view().slice0(begin, begin + M), layer.bound(R))) << "rank " << me;
-}
-
-std::vector<EpCase> all_cases() {
-  std::vector<EpCase> cases;
-  for (EpKind kind : {EpKind::kNaive, EpKind::kAllToAll, EpKind::kLowLatency})
-    for (check::Placement p : {check::Placement::kLinear, check::Placement::kRoundRobin,
-                               check::Placement::kShuffledTable, check::Placement::kReplicated})
-      for (const std::string& experts :
-           {std::string("reference"), "cpu-" + std::string(name(detect_cpu_isa()))})
-        for (RoutingMethod r : {RoutingMethod::kSoftmaxTopK, RoutingMethod::kSigmoidGroupedTopK,
-                                RoutingMethod::kLlama4Top1Sigmoid})
-          for (Split s : {Split::kUneven, Split::kOneRankExperts}) cases.push_back({kind, p, experts, r, s});
-  return cases;
-}
-
-INSTANTIATE_TEST_SUITE_P(AllCompositions, EpMpi, ::testing::ValuesIn(all_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(
+    AllCompositions, EpContracts, ::testing::ValuesIn(check::enumerate_cases(ep_options())),
+    [](const ::testing::TestParamInfo<check::CheckCase>& info) {
+      return test_name(info.param.name());
+    });
 
 TEST(EpMpi, AgreementCheckRefusesADifferentLayer) {
   // Rank 1 builds H = 68 while the others build 67: every rank must refuse at construction.
@@ -188,9 +96,10 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
 };
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
+  // Before InitGoogleTest: the parameterized cases are enumerated over the communicator.
   moekit::test::g_comm = moekit::make_mpi_communicator();
   moekit::test::g_comm->set_timeout(std::chrono::seconds(120));
+  ::testing::InitGoogleTest(&argc, argv);
   const int rank = moekit::test::g_comm->rank();
   if (rank != 0) {
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
