@@ -63,6 +63,21 @@ target_link_libraries(moekit_cuda PRIVATE CUDA::cudart)
 target_compile_options(moekit_cuda PRIVATE
   "$<$<COMPILE_LANGUAGE:CXX>:-Wall;-Wextra>"
   "$<$<COMPILE_LANGUAGE:CUDA>:${MOEKIT_CUDA_FLAGS}>")
+
+# NCCL communicator (src/dist/*_nccl.*) when the toolkit ships NCCL.
+find_path(MOEKIT_NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS})
+find_library(MOEKIT_NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR})
+if(MOEKIT_NCCL_INCLUDE_DIR AND MOEKIT_NCCL_LIBRARY)
+  file(GLOB MOEKIT_NCCL_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/src/dist/*_nccl.cc
+       ${PROJECT_SOURCE_DIR}/src/dist/*_nccl_*.cu)
+  target_sources(moekit_cuda PRIVATE ${MOEKIT_NCCL_SOURCES})
+  target_include_directories(moekit_cuda SYSTEM PRIVATE ${MOEKIT_NCCL_INCLUDE_DIR})
+  target_compile_definitions(moekit PRIVATE MOEKIT_HAVE_NCCL=1)
+  target_link_libraries(moekit PUBLIC $<BUILD_INTERFACE:${MOEKIT_NCCL_LIBRARY}>
+                                      $<INSTALL_INTERFACE:${MOEKIT_NCCL_LIBRARY}>)
+  set(MOEKIT_HAVE_NCCL ON)
+  message(STATUS "moekit: NCCL communicator on (${MOEKIT_NCCL_LIBRARY})")
+endif()
 target_sources(moekit PRIVATE $<TARGET_OBJECTS:moekit_cuda>)
 target_compile_definitions(moekit PUBLIC MOEKIT_HAS_CUDA=1)
 # The installed package names the runtime library by path, so that find_package(moekit) needs no

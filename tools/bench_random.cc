@@ -1,7 +1,9 @@
 #include "bench_random.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <vector>
 
 #include "bench_parallel.h"
 
@@ -15,28 +17,61 @@ constexpr uint64_t mix(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// A standard normal approximated by the Irwin-Hall sum of the four 16-bit quarters of one hash.
-inline float normal_at(uint64_t key, uint64_t counter) {
-  const uint64_t h = mix(key + counter * 0x9e3779b97f4a7c15ull);
-  const float sum = float(h & 0xffff) + float((h >> 16) & 0xffff) + float((h >> 32) & 0xffff) +
-                    float(h >> 48);
-  // Each quarter is uniform on {0..65535}: mean 32767.5, variance ~65536^2/12.
-  constexpr float kMean = 4 * 32767.5f;
-  constexpr float kInvStd = 1.7320508f / 65536.0f;  // 1 / (65536 * sqrt(4/12))
-  return (sum - kMean) * kInvStd;
+// Standard normal quantiles at the midpoints of 2^16 equal-probability bins: a 16-bit uniform
+// indexes it to give a normal value (tails reach 4.3 sigma), so one 64-bit hash yields four.
+const std::array<float, 1 << 16>& normal_quantiles() {
+  static const auto table = [] {
+    std::array<float, 1 << 16> q{};
+    constexpr int kHalf = 1 << 15;
+    // Newton on Phi(x) = p from the centre outwards: Phi is convex below 0, so each root is
+    // approached from the right, starting at the previous (larger) quantile.
+    double x = 0;
+    for (int u = kHalf - 1; u >= 0; --u) {
+      const double p = (u + 0.5) / (1 << 16);
+      for (int it = 0; it < 50; ++it) {
+        const double f = 0.5 * std::erfc(-x / std::sqrt(2.0)) - p;
+        const double step = f / (std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI));
+        x -= step;
+        if (std::abs(step) < 1e-12) break;
+      }
+      q[u] = float(x);
+      q[(1 << 16) - 1 - u] = float(-x);
+    }
+    return q;
+  }();
+  return table;
 }
 
 template <typename T, typename Convert>
 void fill_blocks(T* out, uint64_t key, int64_t block, std::span<const int32_t> block_ids,
                  float stddev, int threads, Convert convert) {
+  // The values in T, scaled: the conversion then costs nothing per element.
+  std::vector<T> lut(1 << 16);
+  const std::array<float, 1 << 16>& quantile = normal_quantiles();
+  for (size_t u = 0; u < lut.size(); ++u) lut[u] = convert(stddev * quantile[u]);
   const int64_t n = int64_t(block_ids.size()) * block;
+  // Value of counter c: quarter c % 4 of hash(c / 4), so that any slice regenerates exactly.
+  auto hash = [key](uint64_t group) { return mix(key + group * 0x9e3779b97f4a7c15ull); };
+  auto value = [&](uint64_t c) { return lut[(hash(c >> 2) >> (16 * (c & 3))) & 0xffff]; };
+  // out[j, stop) from counters c, c + 1, ...: whole hashes for aligned groups of four.
+  auto fill_run = [&](int64_t j, int64_t stop, uint64_t c) {
+    for (; j < stop && (c & 3); ++j, ++c) out[j] = value(c);
+    for (; j + 4 <= stop; j += 4, c += 4) {
+      const uint64_t h = hash(c >> 2);
+      out[j] = lut[h & 0xffff];
+      out[j + 1] = lut[(h >> 16) & 0xffff];
+      out[j + 2] = lut[(h >> 32) & 0xffff];
+      out[j + 3] = lut[h >> 48];
+    }
+    for (; j < stop; ++j, ++c) out[j] = value(c);
+  };
   parallel_for(n, threads, [&](int64_t begin, int64_t end) {
-    // Walk block by block: a division per element would cost more than the hash.
+    // Block by block: a division per element would cost more than the value.
     int64_t b = begin / block, offset = begin % block;
     for (int64_t j = begin; j < end; ++b, offset = 0) {
       const int64_t stop = std::min(end, j + block - offset);
-      const uint64_t base = uint64_t(block_ids[b]) * block + offset - j;  // counter = base + j
-      for (; j < stop; ++j) out[j] = convert(stddev * normal_at(key, base + j));
+      fill_run(j, stop, uint64_t(block_ids[b]) * block + offset);
+      j = stop;
     }
   });
 }

@@ -17,8 +17,8 @@ struct RandomStream {
   uint64_t id = 0;  // one per tensor role, so that roles never share values
 };
 
-// Fills contiguous fp32/fp16/bf16 `t` with approximately N(0, stddev^2) values (Irwin-Hall sum
-// of four uniforms: cheap, and bounded at 3.5 stddev) using `threads` threads.
+// Fills contiguous fp32/fp16/bf16 `t` with N(0, stddev^2) values, quantized to 2^16 levels
+// (plenty for bf16, and cheap: one hash gives four values), using `threads` threads.
 void fill_normal(const TensorView& t, RandomStream stream, float stddev, int threads);
 
 // How to (re)generate the weights of a set of experts: slot s of the result holds expert

@@ -5,19 +5,10 @@
 
 #include "moekit/core/error.h"
 #include "moekit/presets.h"
+#include "option_checks.h"
 
 namespace moekit::cli {
 namespace {
-
-// Library parsers throw moekit::Error; on the command line the same reason should name the option.
-template <typename Fn>
-auto parse_option(const std::string& option, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const moekit::Error& e) {
-    throw CLI::ValidationError(option, e.message());
-  }
-}
 
 LayerSpec spec_of_preset(const Preset& p) {
   LayerSpec s;
@@ -45,7 +36,7 @@ LayerSpec custom_spec(const ShapeOptions& o) {
 }
 
 void apply_overrides(const ShapeOptions& o, LayerSpec& s) {
-  s.shape_overridden = o.experts || o.hidden || o.intermediate || o.top_k;
+  s.shape_overridden = s.preset != "custom" && (o.experts || o.hidden || o.intermediate || o.top_k);
   if (o.experts) s.num_experts = o.experts;
   if (o.hidden) s.hidden = o.hidden;
   if (o.intermediate) s.intermediate = o.intermediate;
@@ -65,32 +56,33 @@ void apply_overrides(const ShapeOptions& o, LayerSpec& s) {
 void add_shape_options(CLI::App& cmd, ShapeOptions& o, bool preset_list) {
   std::string known;
   for (const Preset& p : presets()) known += (known.empty() ? "" : ", ") + std::string(p.name);
-  auto* preset = cmd.add_option("--preset", o.presets,
-                                "model preset (DESIGN.md §5): " + known +
-                                    (preset_list ? "; a comma list runs several" : ""));
+  auto* preset = cmd.add_option(
+      "--preset", o.presets,
+      "model preset (DESIGN.md §5): " + known + (preset_list ? "; a comma list runs several" : ""));
   if (preset_list)
     preset->delimiter(',');
   else
     preset->expected(1);
   cmd.add_option("-E,--experts", o.experts, "number of experts (overrides the preset)")
-      ->check(CLI::PositiveNumber);
-  cmd.add_option("-H,--hidden", o.hidden, "hidden size")->check(CLI::PositiveNumber);
+      ->check(positive());
+  cmd.add_option("-H,--hidden", o.hidden, "hidden size")->check(positive());
   cmd.add_option("-I,--intermediate", o.intermediate, "expert intermediate size")
-      ->check(CLI::PositiveNumber);
-  cmd.add_option("-k,--top-k", o.top_k, "experts per token")->check(CLI::PositiveNumber);
+      ->check(positive());
+  cmd.add_option("-k,--top-k", o.top_k, "experts per token")->check(positive());
   cmd.add_option("--routing", o.routing,
                  "softmax_topk, topk_softmax, sigmoid_grouped_topk or llama4_top1_sigmoid");
-  cmd.add_option("--activation", o.activation,
-                 "silu, gelu, gelu_tanh, relu2, swiglu_oai (+ _nogate for the non-gated form)");
+  cmd.add_option(
+      "--activation", o.activation,
+      "silu, gelu, gelu_tanh, relu2, swiglu_oai; suffix _nogate (non-gated) or _interleaved "
+      "(gate/up rows alternate)");
 }
 
 std::vector<LayerSpec> resolve_layer_specs(const ShapeOptions& o) {
   std::vector<LayerSpec> specs;
   if (o.presets.empty()) specs.push_back(custom_spec(o));
   for (const std::string& name : o.presets)
-    specs.push_back(spec_of_preset(parse_option("--preset", [&]() -> const Preset& {
-      return find_preset(name);
-    })));
+    specs.push_back(spec_of_preset(
+        parse_option("--preset", [&]() -> const Preset& { return find_preset(name); })));
   for (LayerSpec& s : specs) apply_overrides(o, s);
   return specs;
 }
@@ -115,7 +107,8 @@ double LayerSpec::flops(int64_t tokens, int64_t slots) const {
   auto expert_flops = [&](int64_t inter) {
     return 2.0 * double(activation.w13_rows(inter) * hidden + hidden * inter);
   };
-  const double shared = num_shared_experts ? double(tokens) * expert_flops(shared_intermediate()) : 0;
+  const double shared =
+      num_shared_experts ? double(tokens) * expert_flops(shared_intermediate()) : 0;
   return double(slots) * expert_flops(intermediate) + shared;
 }
 
@@ -147,13 +140,6 @@ std::vector<int64_t> parse_token_list(const std::string& text, const std::string
   }
   if (tokens.empty() || text.back() == ',') throw bad("empty item");
   return tokens;
-}
-
-DType parse_weight_dtype(const std::string& text, const std::string& option) {
-  DType t = parse_option(option, [&] { return parse_dtype(text); });
-  if (t != DType::kBF16 && t != DType::kF32)
-    throw CLI::ValidationError(option, "'" + text + "': the CPU experts take bf16 or fp32");
-  return t;
 }
 
 }  // namespace moekit::cli

@@ -30,8 +30,8 @@ void add_shape_options(CLI::App& cmd, ShapeOptions& options, bool preset_list);
 struct LayerSpec {
   std::string preset;  // preset name, or "custom" for an explicit shape
   bool shape_overridden = false;
-  int num_experts = 0;  // E
-  int64_t hidden = 0;   // H
+  int num_experts = 0;       // E
+  int64_t hidden = 0;        // H
   int64_t intermediate = 0;  // I
   int top_k = 0;
   RouterConfig router;
@@ -58,8 +58,5 @@ std::vector<LayerSpec> resolve_layer_specs(const ShapeOptions& options);
 
 // Parses "1,32,512": positive counts, no empty items. Throws CLI::ValidationError for `option`.
 std::vector<int64_t> parse_token_list(const std::string& text, const std::string& option);
-
-// Weight dtypes the CPU bench and check support: bf16 and fp32.
-DType parse_weight_dtype(const std::string& text, const std::string& option);
 
 }  // namespace moekit::cli

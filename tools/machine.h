@@ -10,9 +10,9 @@
 
 namespace moekit::cli {
 
-std::string cpu_model_name();           // "model name" of /proc/cpuinfo, or "unknown cpu"
-int resolve_threads(int requested);     // 0: every hardware thread
-int64_t available_memory_bytes();       // MemAvailable of /proc/meminfo (0 when unknown)
+std::string cpu_model_name();        // "model name" of /proc/cpuinfo, or "unknown cpu"
+int resolve_threads(int requested);  // 0: every hardware thread
+int64_t available_memory_bytes();    // MemAvailable of /proc/meminfo (0 when unknown)
 // Which ISA a --isa value names; "" is the best this CPU runs. Throws CLI::ValidationError for
 // unknown names and for families this CPU cannot run.
 CpuIsa resolve_isa(const std::string& requested);

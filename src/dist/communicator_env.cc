@@ -16,4 +16,9 @@ std::shared_ptr<Communicator> make_mpi_communicator() { return nullptr; }
 bool mpi_available() { return false; }
 #endif
 
+#ifndef MOEKIT_HAVE_NCCL
+std::shared_ptr<Communicator> make_nccl_communicator(const NcclOptions&) { return nullptr; }
+bool nccl_available() { return false; }
+#endif
+
 }  // namespace moekit

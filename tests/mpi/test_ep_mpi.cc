@@ -5,12 +5,11 @@
 
 #include "moekit/cpu.h"
 #include "moekit/dist/ep.h"
+#include "mpi/mpi_gtest.h"
 #include "support/test_support.h"
 
 namespace moekit::test {
 namespace {
-
-std::shared_ptr<Communicator> g_comm;
 
 // The contract suite across real ranks: every distributed prepare/finalize x experts x placement
 // x routing; each rank checks its own tokens against the oracle and a single-rank kernel.
@@ -78,35 +77,3 @@ TEST(EpMpi, LowLatencyRefusesMoreTokensThanItsSlabs) {
 
 }  // namespace
 }  // namespace moekit::test
-
-// gtest under mpiexec: every rank runs every test; only rank 0 prints the full report, the
-// others print their failures (prefixed with the rank). The exit code is non-zero on any
-// failing rank, which mpiexec passes on.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& r) override {
-    if (r.failed())
-      std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_, r.file_name() ? r.file_name() : "?",
-                   r.line_number(), r.message());
-  }
-
- private:
-  int rank_;
-};
-
-int main(int argc, char** argv) {
-  // Before InitGoogleTest: the parameterized cases are enumerated over the communicator.
-  moekit::test::g_comm = moekit::make_mpi_communicator();
-  moekit::test::g_comm->set_timeout(std::chrono::seconds(120));
-  ::testing::InitGoogleTest(&argc, argv);
-  const int rank = moekit::test::g_comm->rank();
-  if (rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new RankFailurePrinter(rank));
-  }
-  const int rc = RUN_ALL_TESTS();
-  moekit::test::g_comm.reset();
-  return rc;
-}

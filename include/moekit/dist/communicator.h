@@ -63,6 +63,20 @@ bool mpi_available();
 // True when this process was started by mpiexec/mpirun (OMPI_/PMI_ environment).
 bool launched_by_mpi();
 
+// NCCL over one GPU per rank (built with the CUDA backend when the toolkit ships NCCL; null
+// otherwise). Buffers are device pointers of this rank's GPU; each call enqueues on `stream`
+// (null: the legacy default stream) and waits for it, up to the timeout, after which the NCCL
+// communicator is aborted and the error names the ranks a host probe found missing.
+// Bootstrap: under mpiexec (and with MPI built in) rank 0's NCCL id travels over MPI; otherwise
+// MOEKIT_RANK, MOEKIT_WORLD_SIZE and MOEKIT_NCCL_ID_FILE (rank 0 writes the id there, the
+// others wait for the file). The GPU is `device`, or the node-local rank modulo the GPU count.
+struct NcclOptions {
+  int device = -1;
+  void* stream = nullptr;  // cudaStream_t
+};
+std::shared_ptr<Communicator> make_nccl_communicator(const NcclOptions& options = {});
+bool nccl_available();
+
 // What every rank must agree on before a distributed layer runs.
 struct LayerSignature {
   int64_t num_experts = 0, hidden = 0, intermediate = 0, top_k = 0;
