@@ -5,6 +5,10 @@
 #include <cstring>
 #include <sstream>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace moekit {
 
 std::string Device::str() const {
@@ -81,9 +85,17 @@ bool TensorView::overlaps(const TensorView& o) const {
 }
 
 void* aligned_alloc_bytes(int64_t bytes) {
-  const size_t n = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 63) & ~size_t(63);
-  void* p = std::aligned_alloc(64, n);
+  // Large buffers (weights, workspaces) are streamed end to end: back them with 2 MiB pages
+  // where the kernel allows it, so the walk does not miss the TLB every 4 KiB.
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t want = static_cast<size_t>(std::max<int64_t>(bytes, 1));
+  const size_t align = want >= 2 * kHuge ? kHuge : 64;
+  const size_t n = (want + align - 1) & ~(align - 1);
+  void* p = std::aligned_alloc(align, n);
   MOEKIT_CHECK(p != nullptr, "out of host memory allocating ", bytes, " bytes");
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) madvise(p, n, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
   return p;
 }
 

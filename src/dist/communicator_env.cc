@@ -13,6 +13,7 @@ bool launched_by_mpi() {
 
 #ifndef MOEKIT_HAVE_MPI
 std::shared_ptr<Communicator> make_mpi_communicator() { return nullptr; }
+std::shared_ptr<Communicator> make_mpi_communicator(int) { return nullptr; }
 bool mpi_available() { return false; }
 #endif
 

@@ -51,9 +51,8 @@ struct Message {
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator() {
-    static MpiRuntime runtime;
-    mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &comm_), "MPI_Comm_dup");
+  // Takes ownership of `comm`.
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
@@ -190,10 +189,31 @@ class MpiCommunicator final : public Communicator {
   uint64_t seq_ = 0;
 };
 
+// MPI_COMM_WORLD, MPI initialised on first use.
+MPI_Comm world() {
+  static MpiRuntime runtime;
+  return MPI_COMM_WORLD;
+}
+
 }  // namespace
 
 std::shared_ptr<Communicator> make_mpi_communicator() {
-  return std::make_shared<MpiCommunicator>();
+  MPI_Comm comm;
+  mpi_check(MPI_Comm_dup(world(), &comm), "MPI_Comm_dup");
+  return std::make_shared<MpiCommunicator>(comm);
+}
+
+std::shared_ptr<Communicator> make_mpi_communicator(int ranks) {
+  int rank = 0, size = 0;
+  MPI_Comm_rank(world(), &rank);
+  MPI_Comm_size(world(), &size);
+  MOEKIT_CHECK(ranks >= 1 && ranks <= size, "make_mpi_communicator: ", ranks,
+               " ranks requested of a world of ", size);
+  MPI_Comm comm;
+  mpi_check(MPI_Comm_split(world(), rank < ranks ? 0 : MPI_UNDEFINED, rank, &comm),
+            "MPI_Comm_split");
+  if (comm == MPI_COMM_NULL) return nullptr;
+  return std::make_shared<MpiCommunicator>(comm);
 }
 
 bool mpi_available() { return true; }

@@ -77,3 +77,24 @@ TEST(EpMpi, LowLatencyRefusesMoreTokensThanItsSlabs) {
 
 }  // namespace
 }  // namespace moekit::test
+
+namespace moekit::test {
+namespace {
+
+TEST(MpiCommunicator, SubCommunicatorOfTheFirstRanks) {
+  const int world = g_comm->size(), me = g_comm->rank(), n = std::max(1, world - 1);
+  auto sub = make_mpi_communicator(n);
+  ASSERT_EQ(sub != nullptr, me < n);
+  if (sub) {
+    EXPECT_EQ(sub->size(), n);
+    EXPECT_EQ(sub->rank(), me);
+    const std::vector<int> ranks = sub->all_gather(me * 10);
+    for (int r = 0; r < n; ++r) EXPECT_EQ(ranks[r], r * 10);
+    EXPECT_EQ(sub->all_reduce_max(me), n - 1);
+  }
+  g_comm->barrier();
+  EXPECT_TRUE(error_mentions([&] { make_mpi_communicator(world + 1); }, "ranks requested"));
+}
+
+}  // namespace
+}  // namespace moekit::test

@@ -59,6 +59,9 @@ std::shared_ptr<Communicator> make_single_communicator();
 // MPI over MPI_COMM_WORLD (initialising MPI with MPI_THREAD_FUNNELED when nobody has). Returns
 // null when moekit was built without MPI. Finalizes MPI at exit if it initialised it.
 std::shared_ptr<Communicator> make_mpi_communicator();
+// MPI over the first `ranks` ranks of MPI_COMM_WORLD (for scaling sweeps inside one job): a
+// collective over the world; the other ranks get null.
+std::shared_ptr<Communicator> make_mpi_communicator(int ranks);
 bool mpi_available();
 // True when this process was started by mpiexec/mpirun (OMPI_/PMI_ environment).
 bool launched_by_mpi();
