@@ -19,10 +19,6 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
 
   ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
 
-  int64_t num_rounds(int64_t local_tokens, int64_t chunk) override {
-    return comm_->all_reduce_max((local_tokens + chunk - 1) / chunk);
-  }
-
   // Each rank's token arrives at most once: at most ranks * chunk rows.
   int64_t max_dispatched_tokens(const MoEProblem& p) const override {
     return p.tokens * comm_->size();
@@ -44,11 +40,7 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     const int64_t elt = element_bytes(req.spec.dtype), rec = record_bytes(H, k, elt);
-    TensorView a_local = req.x;
-    if (!detail::usable_as_is(req)) {
-      a_local = ws.take(req.spec.dtype, {M, H});
-      detail::convert_activations(req.x, req.topk_weights, req.weight_on_input, a_local);
-    }
+    const TensorView a_local = detail::activations_for_experts(req, ws);
 
     // The rank serving each (token, slot), -1 for padding; rows bound for each rank.
     dest_ = ws.take(DType::kI32, {M, k});

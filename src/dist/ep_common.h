@@ -18,6 +18,10 @@ class EpPrepareFinalize : public DistributedPrepareFinalize {
   // E must match the map; then every rank exchanges its layer signature (a collective: all
   // ranks construct their kernels together) and any disagreement is the reason on every rank.
   std::optional<std::string> can_implement(const MoEProblem& p) const override;
+  // The ranks agree on the largest round count (a host exchange).
+  int64_t num_rounds(int64_t local_tokens, int64_t chunk) override {
+    return comm_->all_reduce_max((local_tokens + chunk - 1) / chunk);
+  }
 
  protected:
   // Adds the seconds since `start` to `total`.

@@ -63,11 +63,7 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     const int64_t elt = element_bytes(req.spec.dtype);
-    TensorView a_local = req.x;
-    if (!detail::usable_as_is(req)) {
-      a_local = ws.take(req.spec.dtype, {M, H});
-      detail::convert_activations(req.x, req.topk_weights, req.weight_on_input, a_local);
-    }
+    const TensorView a_local = detail::activations_for_experts(req, ws);
     // Slab of each destination, zeroed counts, and where each (token, slot) goes.
     std::vector<size_t> out_bytes(R), in_bytes(R, slab_bytes(rank(), H, elt));
     for (int d = 0; d < R; ++d) out_bytes[d] = slab_bytes(d, H, elt);

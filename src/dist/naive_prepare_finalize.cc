@@ -14,10 +14,6 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
 
   ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
 
-  int64_t num_rounds(int64_t local_tokens, int64_t chunk) override {
-    return comm_->all_reduce_max((local_tokens + chunk - 1) / chunk);
-  }
-
   int64_t max_dispatched_tokens(const MoEProblem& p) const override {
     return p.tokens * comm_->size();
   }
@@ -39,11 +35,7 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
     total_ = 0;
     for (const Header& h : headers_) total_ += h.rows;
 
-    TensorView a_local = req.x;
-    if (!detail::usable_as_is(req)) {
-      a_local = ws.take(req.spec.dtype, {M, H});
-      detail::convert_activations(req.x, req.topk_weights, req.weight_on_input, a_local);
-    }
+    const TensorView a_local = detail::activations_for_experts(req, ws);
     // Contiguous copies of the caller's routing to send.
     const TensorView ids_send = ws.take(DType::kI32, {M, k}), w_send = ws.take(DType::kF32, {M, k});
     for (int64_t t = 0; t < M; ++t)

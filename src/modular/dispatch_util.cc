@@ -16,4 +16,11 @@ void convert_activations(const TensorView& x, const TensorView& topk_weights, bo
   }
 }
 
+TensorView activations_for_experts(const PrepareRequest& req, Workspace& ws) {
+  if (!req.weight_on_input && req.x.dtype == req.spec.dtype && req.x.is_contiguous()) return req.x;
+  const TensorView a = ws.take(req.spec.dtype, {req.x.size(0), req.x.size(1)});
+  convert_activations(req.x, req.topk_weights, req.weight_on_input, a);
+  return a;
+}
+
 }  // namespace moekit::detail

@@ -14,9 +14,8 @@ inline int64_t token_key(int source_rank, int64_t row) {
 void convert_activations(const TensorView& x, const TensorView& topk_weights, bool weight_on_input,
                          const TensorView& out);
 
-// True when prepare can hand x to the experts as it is.
-inline bool usable_as_is(const PrepareRequest& req) {
-  return !req.weight_on_input && req.x.dtype == req.spec.dtype && req.x.is_contiguous();
-}
+// x as the experts want it, [M, H] contiguous in req.spec.dtype, rows scaled by their weight
+// when applied on the input: x itself when it already is, else a converted copy taken from ws.
+TensorView activations_for_experts(const PrepareRequest& req, Workspace& ws);
 
 }  // namespace moekit::detail

@@ -38,7 +38,7 @@ class LocalPrepareFinalize final : public PrepareFinalize {
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
-    const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
+    const int64_t M = req.x.size(0), k = req.topk_ids.size(1);
     DispatchedBatch b;
     b.topk_ids = ws.take(DType::kI32, {M, k});
     b.topk_weights = ws.take(DType::kF32, {M, k});
@@ -54,12 +54,7 @@ class LocalPrepareFinalize final : public PrepareFinalize {
         lw[s] = req.weight_on_input ? 1.0f : w[s];
       }
     }
-    if (detail::usable_as_is(req)) {
-      b.a1 = req.x;
-    } else {
-      b.a1 = ws.take(req.spec.dtype, {M, H});
-      detail::convert_activations(req.x, req.topk_weights, req.weight_on_input, b.a1);
-    }
+    b.a1 = detail::activations_for_experts(req, ws);
     return b;
   }
 
