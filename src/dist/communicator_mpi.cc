@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "moekit/core/error.h"
@@ -168,20 +170,19 @@ class MpiCommunicator final : public Communicator {
       if (std::chrono::steady_clock::now() > deadline) break;
       if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
-    std::string missing;
+    std::set<int> missing;  // peers whose data never came
     for (size_t i = 0; i < reqs.size(); ++i) {
       int flag = 0;
       MPI_Test(&reqs[i], &flag, MPI_STATUS_IGNORE);
-      if (!flag && peer[i] >= 0 && missing.find(" " + std::to_string(peer[i]) + ",") == std::string::npos)
-        missing += " " + std::to_string(peer[i]) + ",";
-      if (!flag) {
-        MPI_Cancel(&reqs[i]);
-        MPI_Request_free(&reqs[i]);
-      }
+      if (flag) continue;
+      if (peer[i] >= 0) missing.insert(peer[i]);
+      MPI_Cancel(&reqs[i]);
+      MPI_Request_free(&reqs[i]);
     }
-    if (!missing.empty()) missing.pop_back();
+    std::ostringstream names;
+    for (int r : missing) names << (r == *missing.begin() ? " " : ", ") << r;
     MOEKIT_FAIL("mpi: ", op, " on rank ", rank_, " timed out after ", timeout().count(),
-                " s; no data from rank(s)", missing.empty() ? " (sends pending)" : missing);
+                " s; no data from rank(s)", missing.empty() ? " (sends pending)" : names.str());
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;
