@@ -12,22 +12,34 @@ namespace moekit {
 // non-x86 targets).
 enum class CpuIsa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 std::string_view name(CpuIsa isa);
-CpuIsa parse_cpu_isa(std::string_view s);  // "scalar", "avx2", "avx512", "avx512bf16"
-CpuIsa detect_cpu_isa();                  // best one this CPU runs
+// "scalar", "avx2", "avx512", "avx512bf16"; throws moekit::Error listing these on other names.
+CpuIsa parse_cpu_isa(std::string_view s);
+CpuIsa detect_cpu_isa();  // best one this CPU runs
 bool cpu_supports(CpuIsa isa);
 
 struct CpuExpertsConfig {
-  int num_threads = 0;          // 0: all hardware threads
+  int num_threads = 0;            // 0: all hardware threads
   CpuIsa isa = detect_cpu_isa();  // must satisfy cpu_supports()
 };
 
 // Experts for bf16 or fp32 weights (standard format, TopKWeightApplied::kNone). Prepacks the
 // weights at construction (the caller's weight memory is not referenced afterwards). Activation
 // spec: bf16 a1 for bf16 weights, fp32 a1 for fp32 weights. Throws moekit::Error on bad weights.
+// apply() throws moekit::Error (before writing `out`) on bad shapes, dtypes, a too small
+// workspace, or local ids outside [-1, E_local).
 std::shared_ptr<Experts> make_cpu_experts(const ExpertWeights& weights, const Activation& act,
                                           const CpuExpertsConfig& config = {});
 
 // Deterministic weight-and-reduce (fixed slot order), threads over tokens.
 std::shared_ptr<WeightAndReduce> make_cpu_weight_and_reduce(int num_threads = 0);
+
+// ---- the machine's ceilings, for rooflines (each call takes a fraction of a second) ----
+// Peak GFLOP/s of `threads` threads multiply-adding at the vector width of `isa` for `weights`
+// (bf16 or fp32) from register-only loops: FMA (bf16 products are exact in fp32, so widening
+// bf16 and FMAing is one way to compute them), and for avx512bf16 with bf16 weights also
+// vdpbf16ps, whichever is faster on this CPU (scalar: a scalar multiply-add loop).
+double measure_cpu_peak_gflops(CpuIsa isa, DType weights, int threads);
+// DRAM read GB/s of `threads` threads streaming disjoint parts of a 1 GiB buffer (best pass).
+double measure_dram_read_gbps(int threads);
 
 }  // namespace moekit
