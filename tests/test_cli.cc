@@ -23,8 +23,10 @@ struct RunResult {
   std::string output;  // stdout and stderr
 };
 
-RunResult run_cli(const std::string& args) {
-  const std::string command = std::string(MOEKIT_CLI) + " " + args + " 2>&1";
+// Runs `moekit args` (under `launcher` when given, e.g. mpiexec -n 2).
+RunResult run_cli(const std::string& args, const std::string& launcher = "") {
+  const std::string command =
+      (launcher.empty() ? "" : launcher + " ") + std::string(MOEKIT_CLI) + " " + args + " 2>&1";
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) return {};
   RunResult r;
@@ -164,6 +166,91 @@ TEST(Cli, BadArgumentsFailWithAMessage) {
         << r.output;
   }
 }
+
+// --ep needs one process per rank, started by mpiexec: anything else is refused up front.
+TEST(Cli, EpWithoutMpiexecFailsWithTheCommandToRun) {
+  for (const char* args : {"bench --ep 2 -E 8 -H 64 -I 32 -k 2", "check --ep 2"}) {
+    const RunResult r = run_cli(args);
+    EXPECT_NE(r.exit_code, 0) << args << "\n" << r.output;
+#ifdef MOEKIT_MPIEXEC
+    EXPECT_NE(r.output.find("--ep: 2 needs one process per rank, started by mpiexec"),
+              std::string::npos)
+        << args << "\n"
+        << r.output;
+    EXPECT_NE(r.output.find("mpiexec -n 2 moekit"), std::string::npos) << r.output;
+#else
+    EXPECT_NE(r.output.find("built without MPI"), std::string::npos) << r.output;
+#endif
+  }
+  // The EP options mean nothing without --ep.
+  const RunResult r = run_cli("bench --ep-mode naive -E 8 -H 64 -I 32 -k 2");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("--ep-mode requires --ep"), std::string::npos) << r.output;
+}
+
+#ifdef MOEKIT_MPIEXEC
+const std::string kTwoRanks = std::string(MOEKIT_MPIEXEC) + " -n 2";
+
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+TEST(CliMpi, CheckAcrossTwoRanks) {
+  const RunResult r = run_cli(
+      "check --ep 2 -E 8 -H 33 -I 17 -k 2 --tokens 1,7 --impl reference,fallback", kTwoRanks);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // Rank 0 alone prints the cases and the total over both ranks; 24 cases, each on 2 ranks.
+  EXPECT_EQ(count(r.output, "contract suite:"), 1u) << r.output;
+  EXPECT_NE(r.output.find("over 2 MPI ranks"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("PASS fallback/all_to_all/linear x2/"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("PASS reference/low_latency/round_robin x2/"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("\n48 passed, 0 failed"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("FAIL"), std::string::npos) << r.output;
+}
+
+TEST(CliMpi, EpMustEqualTheNumberOfProcesses) {
+  const RunResult r = run_cli("check --ep 3 -E 6 -H 33 -I 17 -k 2", kTwoRanks);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("--ep: 3 but mpiexec started 2 processes"), std::string::npos)
+      << r.output;
+}
+
+TEST(CliMpi, BenchAcrossTwoRanksWritesEveryStep) {
+  const TempFile json("moekit_test_cli_ep");
+  const RunResult r = run_cli(
+      "bench --ep 2 -E 8 -H 64 -I 32 -k 2 --tokens 1,7 --reps 2 --json " + json.str(), kTwoRanks);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(count(r.output, "EP scaling of custom"), 1u) << r.output;  // rank 0 alone prints
+  EXPECT_NE(r.output.find("[4/4] custom ep=2 tokens=7"), std::string::npos) << r.output;
+  const nlohmann::json doc = json.read();
+  expect_bench_json(doc, 0.05);
+  EXPECT_EQ(doc.at("ep").at("world"), 2);
+  EXPECT_EQ(doc["ep"].at("ceilings").size(), 2u);  // measured at ep = 1 and 2
+  // ep = 1 and 2, tokens 1 and 7 per rank.
+  ASSERT_EQ(doc["rows"].size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const nlohmann::json& row = doc["rows"][i];
+    const int ep = i < 2 ? 1 : 2;
+    EXPECT_EQ(row["ep"], ep) << row.dump();
+    EXPECT_EQ(row["tokens"], i % 2 ? 7 : 1) << row.dump();
+    EXPECT_EQ(row["ep_mode"], "all_to_all");
+    EXPECT_EQ(row["placement"], "linear");
+    EXPECT_EQ(row["tokens_total"], row["tokens"].get<int>() * ep);
+    for (const char* key : {"dispatch_us", "combine_us", "compute_us"}) expect_positive(row, key);
+    EXPECT_NEAR(row["dispatch_us"].get<double>() + row["combine_us"].get<double>() +
+                    row["compute_us"].get<double>(),
+                row["time_us"].get<double>(), 1e-6 * row["time_us"].get<double>());
+    ASSERT_TRUE(row.at("bytes_sent").is_number_integer()) << row.dump();
+    // One rank sends to itself only (nothing counted); two ranks exchange tokens and results.
+    if (ep == 2) EXPECT_GT(row["bytes_sent"].get<int64_t>(), 0) << row.dump();
+    EXPECT_EQ(row.at("time_us_per_rank").size(), size_t(ep));
+    EXPECT_EQ(row["err_tokens_checked"], std::min(4, row["tokens"].get<int>()) * ep);
+  }
+}
+#endif
 
 #endif
 

@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "layer_spec.h"
 #include "machine.h"
@@ -10,6 +12,7 @@
 
 namespace moekit::cli {
 
+// Trivially copyable: EP ranks gather theirs.
 struct RowCost {
   int64_t active_experts = 0;  // distinct routed experts with at least one token
   int64_t slots = 0;           // valid (token, expert) pairs
@@ -21,8 +24,12 @@ struct RowCost {
   std::string_view bound() const { return memory_us >= compute_us ? "memory" : "compute"; }
 };
 
-// topk_ids: [M, k] int32 global ids, -1 for padding.
-RowCost row_cost(const LayerSpec& spec, DType dtype, const TensorView& topk_ids,
+// Slots (token, expert pairs) of each global expert; topk_ids: [M, k] int32, -1 for padding.
+std::vector<int64_t> expert_loads(const TensorView& topk_ids, int num_experts);
+
+// The cost of computing the experts whose slot counts are `loads` (all of the layer's, or one EP
+// rank's local ones with the slots every rank sent them), plus the shared expert over `tokens`.
+RowCost row_cost(const LayerSpec& spec, DType dtype, std::span<const int64_t> loads, int64_t tokens,
                  const MachineCeilings& ceilings);
 
 }  // namespace moekit::cli

@@ -1,8 +1,11 @@
-// `moekit check`: the contract suite of DESIGN.md §2 (moekit/check.h) on a preset or a shape.
+// `moekit check`: the contract suite of DESIGN.md §2 (moekit/check.h) on a preset or a shape;
+// with --ep, across the ranks of an MPI job.
 #include <cmath>
 #include <iostream>
+#include <optional>
 
 #include "commands.h"
+#include "ep_job.h"
 #include "layer_spec.h"
 #include "moekit/check.h"
 #include "option_checks.h"
@@ -24,6 +27,7 @@ struct CheckCommandOptions {
   std::vector<std::string> placements;
   std::vector<int> ranks;
   int threads = 0;
+  int ep = 0;
 };
 
 int64_t shrink(int64_t size) {
@@ -66,38 +70,84 @@ check::CheckOptions suite_options(const CheckCommandOptions& o) {
   return c;
 }
 
+// A case's verdict over the ranks that ran it (trivially copyable: the ranks gather theirs).
+struct CaseOutcome {
+  int passed = 0, failed = 0;                     // ranks
+  double max_err = 0, bound = 0, closeness = -1;  // of the closest call
+
+  void add(const CaseOutcome& o) {
+    passed += o.passed;
+    failed += o.failed;
+    if (o.closeness > closeness) max_err = o.max_err, bound = o.bound, closeness = o.closeness;
+  }
+};
+
+// A case passes on a rank when every token count does; its line shows the closest call.
+CaseOutcome outcome(const std::vector<check::CaseResult>& results) {
+  CaseOutcome c;
+  bool ok = true;
+  for (const check::CaseResult& r : results) {
+    ok = ok && r.passed;
+    if (&r == &results.front() || closeness(r) > c.closeness)
+      c.max_err = r.max_err, c.bound = r.bound, c.closeness = closeness(r);
+  }
+  (ok ? c.passed : c.failed) = 1;
+  return c;
+}
+
 int run_check(const CheckCommandOptions& o) {
-  const check::CheckOptions options = suite_options(o);
+  check::CheckOptions options = suite_options(o);
+  std::optional<EpJob> job;
+  if (o.ep) {
+    job = join_ep_job(o.ep, "check");
+    options.communicator = job->world;
+    options.threads = job->threads(o.threads);
+  }
+  const bool leader = !job || job->leader();
   const std::vector<check::CheckCase> cases = check::enumerate_cases(options);
-  std::cout << "contract suite: E=" << options.num_experts << " H=" << options.hidden
-            << " I=" << options.intermediate << " k=" << options.top_k << ", " << cases.size()
-            << " cases, each over tokens";
-  for (int64_t t : options.tokens) std::cout << " " << t;
-  std::cout << "\n";
-  if (!o.shape.presets.empty())
-    std::cout << "note: a preset gives the suite its shape, routing method, activation and "
-                 "biases; grouped-routing parameters are the suite's own, and a shared expert is "
-                 "not part of it (moekit bench checks whole layers against the oracle)\n";
-  size_t passed = 0, failed = 0;
+  if (leader) {
+    std::cout << "contract suite: E=" << options.num_experts << " H=" << options.hidden
+              << " I=" << options.intermediate << " k=" << options.top_k << ", " << cases.size()
+              << " cases";
+    if (job)
+      std::cout << " of the distributed prepare/finalize over " << job->size()
+                << " MPI ranks, each checking its own tokens";
+    std::cout << ", each over tokens";
+    for (int64_t t : options.tokens) std::cout << " " << t;
+    std::cout << "\n";
+    if (!o.shape.presets.empty())
+      std::cout << "note: a preset gives the suite its shape, routing method, activation and "
+                   "biases; grouped-routing parameters are the suite's own, and a shared expert "
+                   "is not part of it (moekit bench checks whole layers against the oracle)\n";
+  }
+  // Rank results: with --ep each case counts once per rank.
+  CaseOutcome total;
   for (const check::CheckCase& kase : cases) {
     const std::vector<check::CaseResult> results = check::run_case(kase, options);
-    // A case passes when every token count does; its line shows the closest call.
-    const check::CaseResult* worst = nullptr;
-    bool ok = true;
-    for (const check::CaseResult& r : results) {
-      ok = ok && r.passed;
-      if (!worst || closeness(r) > closeness(*worst)) worst = &r;
+    CaseOutcome all;
+    if (job)
+      for (const CaseOutcome& rank : job->world->all_gather(outcome(results))) all.add(rank);
+    else
+      all = outcome(results);
+    total.add(all);
+    if (leader) {
+      std::cout << (all.failed ? "FAIL " : "PASS ") << kase.name();
+      if (!results.empty()) std::cout << "  (max err " << all.max_err << " <= " << all.bound << ")";
+      if (job && all.failed) std::cout << " on " << all.failed << " of " << job->size() << " ranks";
+      std::cout << "\n";
     }
-    (ok ? passed : failed) += 1;
-    std::cout << (ok ? "PASS " : "FAIL ") << kase.name();
-    if (worst) std::cout << "  (max err " << worst->max_err << " <= " << worst->bound << ")";
-    std::cout << "\n";
+    // Every rank prints its own failures.
+    const std::string prefix = job ? "[rank " + std::to_string(job->rank()) + "] " : "    ";
     for (const check::CaseResult& r : results)
-      if (!r.passed) std::cout << "    " << r.str() << "\n";
+      if (!r.passed) std::cout << prefix << r.str() << "\n";
     std::cout.flush();
   }
-  std::cout << passed << " passed, " << failed << " failed\n";
-  return failed ? 1 : 0;
+  if (leader) {
+    std::cout << total.passed << " passed, " << total.failed << " failed";
+    if (job) std::cout << " (each case counted on each of the " << job->size() << " ranks)";
+    std::cout << "\n";
+  }
+  return total.failed ? 1 : 0;
 }
 
 }  // namespace
@@ -123,11 +173,18 @@ Command add_check_command(CLI::App& app) {
   cmd->add_option("--placement", o->placements,
                   "comma list of linear, round_robin, shuffled, replicated (default all)")
       ->delimiter(',');
-  cmd->add_option("--ranks", o->ranks, "comma list of rank counts (default 1,2,4)")
-      ->delimiter(',')
-      ->check(positive());
-  cmd->add_option("--threads", o->threads, "threads (0: every hardware thread)")
+  CLI::Option* ranks =
+      cmd->add_option("--ranks", o->ranks, "comma list of rank counts (default 1,2,4)")
+          ->delimiter(',')
+          ->check(positive());
+  cmd->add_option("--threads", o->threads,
+                  "threads (0: every hardware thread; with --ep, per rank: 0 splits this host's "
+                  "threads among its ranks)")
       ->check(non_negative());
+  add_ep_option(*cmd, o->ep,
+                "the distributed prepare/finalize cases run across the ranks, each checking its "
+                "own tokens; rank 0 prints the cases and the totals, every rank its failures")
+      ->excludes(ranks);
   return {cmd, [o] { return run_check(*o); }};
 }
 

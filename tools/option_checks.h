@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <charconv>
+#include <map>
 #include <string>
 
 #include "moekit/core/error.h"
@@ -32,6 +33,21 @@ inline CLI::Validator non_negative() {
 // The weight dtypes of the CPU experts.
 inline CLI::Validator weight_dtype() {
   return CLI::IsMember({"bf16", "fp32"});
+}
+
+// Maps the names of `choices` to their enum values; shown in the help as TEXT:{name,...}.
+template <typename Enum>
+CLI::Validator one_of(const std::map<std::string, Enum>& choices) {
+  std::string names;
+  for (const auto& choice : choices) names += (names.empty() ? "" : ", ") + choice.first;
+  return CLI::Validator(
+      [choices, names](std::string& text) -> std::string {
+        const auto it = choices.find(text);
+        if (it == choices.end()) return "must be one of " + names + ", got '" + text + "'";
+        text = std::to_string(static_cast<int>(it->second));  // CLI11 reads enums as integers
+        return {};
+      },
+      "{" + names + "}");
 }
 
 // Runs a library parser (they throw moekit::Error naming the bad value and the valid ones) and
