@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: configure and build the CUDA backend, run its tests, then the benchmark.
 # Needs .deps (scripts/gather_deps.sh) carried along. Logs and JSON go to $OUT (default ./out).
-#   bench/cuda_gpu_run.sh [test|bench|all] [bench args...]
+#   bench/cuda_gpu_run.sh [test|sanitize|bench|all] [bench args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -16,6 +16,15 @@ time cmake --build build-cuda -j16 --target moekit test_cuda_experts cuda_expert
 grep -E "spill|stack frame" "$out/build.log" | grep -v " 0 bytes spill" | head -5
 if [[ $what == test || $what == all ]]; then
   build-cuda/tests/test_cuda_experts --gtest_brief=1 2>&1 | tee "$out/test.log" | tail -25
+fi
+if [[ $what == sanitize ]]; then
+  # racecheck: every small-batch case plus M = 1 and 19 of all kinds; memcheck: M = 7 and the
+  # ModularKernel graph and refusal tests (whole suites take too long under the sanitizers).
+  compute-sanitizer --tool racecheck --racecheck-report all build-cuda/tests/test_cuda_experts \
+    --gtest_brief=1 --gtest_filter='Sweep/*_M1_*:Sweep/*_M19_*:Sweep/*small_batch*:CudaExperts.*:CudaPrepare.*:Placements/*M19' \
+    2>&1 | tee "$out/racecheck.log" | tail -3
+  compute-sanitizer --tool memcheck build-cuda/tests/test_cuda_experts --gtest_brief=1 \
+    --gtest_filter='Sweep/*_M7_*:CudaModular*:Placements/*replicated*' 2>&1 | tee "$out/memcheck.log" | tail -3
 fi
 if [[ $what == bench || $what == all ]]; then
   build-cuda/cuda_experts_bench --out "$out/cuda_bench.json" "$@" 2>&1 | tee "$out/bench.log"

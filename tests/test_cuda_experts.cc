@@ -1,9 +1,11 @@
 // CUDA backend against the oracle: prepare (id mapping), the experts (small-batch, grouped GEMM
-// and their fallback), weight-and-reduce, driven part by part on device tensors (the
-// ModularKernel still validates on the host). Skips, loudly, without a CUDA device.
+// and their fallback), weight-and-reduce, driven part by part on device tensors; then whole
+// ModularKernel forwards on the device under every placement, and one captured in a CUDA graph
+// and replayed on new inputs. Skips, loudly, without a CUDA device.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -222,6 +224,201 @@ TEST(CudaExperts, RefusesUnalignedShapesAndHostWeights) {
         << k.name;
   EXPECT_TRUE(test::error_mentions(
       [&] { make_cuda_small_batch_experts(layer.weights.view(), spec.activation); }, "CUDA"));
+}
+
+// ---- the whole ModularKernel on the device -------------------------------------------------
+
+// One rank's place in an expert map.
+struct Placement {
+  std::string name;
+  ExpertMap map;
+  int rank;
+};
+
+// Linear (every expert here); round-robin, rank 1 of 2; replicated: rank 1 holds every expert and
+// rank 0 the first half again, so rank 1 serves the first half for every other token key.
+std::vector<Placement> placements(int E) {
+  std::vector<int> all(E), half(E / 2);
+  std::iota(all.begin(), all.end(), 0);
+  std::iota(half.begin(), half.end(), 0);
+  return {{"linear", ExpertMap::linear(E, 1), 0},
+          {"round_robin", ExpertMap::round_robin(E, 2), 1},
+          {"replicated", ExpertMap::replicated(E, {half, all}), 1}};
+}
+
+template <typename T>
+const T& named(const std::vector<T>& items, const std::string& name) {
+  for (const T& i : items)
+    if (i.name == name) return i;
+  throw std::invalid_argument("no item named " + name);
+}
+
+struct Stream {
+  Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+  ~Stream() { cudaStreamDestroy(s); }
+  cudaStream_t s = nullptr;
+};
+
+// cuda prepare/finalize for where.rank, `kind`'s experts over that rank's view of the device
+// weights, cuda weight-and-reduce; workspace on the current device.
+std::unique_ptr<ModularKernel> device_kernel(const DeviceLayer& d, const test::TestLayer& l,
+                                             const Placement& where, const ExpertsKind& kind,
+                                             int64_t chunk_tokens) {
+  int dev = 0;
+  EXPECT_EQ(cudaGetDevice(&dev), cudaSuccess);
+  const ExpertWeights local = ExpertWeights::local_view(d.global(), where.map, where.rank);
+  return std::make_unique<ModularKernel>(
+      make_cuda_prepare_finalize(where.map, where.rank), kind.make(local, l.spec.activation),
+      make_cuda_weight_and_reduce(),
+      KernelConfig{l.spec.top_k, l.x.dtype(), chunk_tokens, Device{DeviceType::kCUDA, dev},
+                   cuda_workspace_allocator(dev)});
+}
+
+// The oracle of where.rank's share of l's layer, computed with `weights`.
+Tensor oracle(const test::TestLayer& l, const ExpertWeights& weights, const Placement& where) {
+  ReferenceArgs ref = l.reference_args();
+  ref.weights = weights;
+  ref.map = &where.map;
+  ref.rank = where.rank;
+  ref.round_intermediate_to_bf16 = true;
+  return test::reference_output(ref);
+}
+
+ForwardArgs args_of(const DeviceLayer& d, const CudaTensor& y) {
+  return {d.x, d.ids, d.weights, y};
+}
+
+struct ModularCase {
+  std::string experts, placement;
+  int64_t tokens;
+};
+
+class CudaModularVsOracle : public ::testing::TestWithParam<ModularCase> {};
+
+// Contract 1 on the GPU: every CUDA experts x every placement, through ModularKernel::forward
+// with device tensors. chunk_tokens 16: 19 and 111 tokens take several rounds (token keys of
+// later rounds pick replicas), and the fallback experts switch between small-batch and grouped
+// GEMM inside one forward.
+TEST_P(CudaModularVsOracle, MatchesReference) {
+  SKIP_WITHOUT_CUDA();
+  const ModularCase& c = GetParam();
+  test::LayerSpec spec;
+  spec.num_experts = 16;
+  spec.top_k = 4;
+  spec.hidden = 264;
+  spec.intermediate = 40;
+  spec.activation = {
+      .fn = ActivationFn::kSwigluOai, .gated = true, .layout = GateUpLayout::kInterleaved};
+  spec.bias = true;
+  spec.tokens = c.tokens;
+  spec.padding_period = 5;
+  spec.seed = c.tokens * 7 + 3;
+  const test::TestLayer layer(spec);
+  const DeviceLayer d(layer);
+  const Placement where = named(placements(spec.num_experts), c.placement);
+  auto mk = device_kernel(d, layer, where, named(experts_kinds(), c.experts), 16);
+  Stream stream;
+  CudaTensor y(layer.x.dtype(), {c.tokens, spec.hidden});
+  EXPECT_EQ(cudaMemset(y.view().data, 0xff, y.view().nbytes()), cudaSuccess);
+  mk->forward(args_of(d, y), ExecContext{stream.s});
+  ASSERT_EQ(cudaStreamSynchronize(stream.s), cudaSuccess);
+  const Tensor got = y.to_host();
+  EXPECT_TRUE(test::rows_match(got.view().reshaped({c.tokens, spec.hidden}),
+                               oracle(layer, layer.weights.view(), where), layer.bound()));
+  EXPECT_EQ(cuda_bad_id_count(mk->prepare_finalize()), 0);
+}
+
+std::vector<ModularCase> modular_cases() {
+  std::vector<ModularCase> out;
+  for (const ExpertsKind& k : experts_kinds())
+    for (const Placement& p : placements(16))
+      for (int64_t tokens : {1, 19, 111}) out.push_back({k.name, p.name, tokens});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Placements, CudaModularVsOracle, ::testing::ValuesIn(modular_cases()),
+                         [](const ::testing::TestParamInfo<ModularCase>& i) {
+                           return test::test_name(i.param.experts + "_" + i.param.placement + "_M" +
+                                                  std::to_string(i.param.tokens));
+                         });
+
+// Contract 7: forward enqueues everything on ctx.stream without a host synchronisation, so it
+// is captured in global mode (a synchronising call anywhere in forward fails the capture), and
+// the graph, replayed on new inputs written into the same buffers, computes the new layer.
+TEST(CudaModularKernel, GraphReplaysOnNewInputs) {
+  SKIP_WITHOUT_CUDA();
+  test::LayerSpec spec;
+  spec.num_experts = 16;
+  spec.top_k = 4;
+  spec.hidden = 136;
+  spec.intermediate = 88;
+  spec.tokens = 19;
+  spec.padding_period = 5;
+  const test::TestLayer first(spec);
+  spec.seed = 2;
+  const test::TestLayer second(spec);  // new x and routing; the graph keeps first's weights
+  DeviceLayer d(first);
+  const Placement where = named(placements(spec.num_experts), "replicated");
+  for (const ExpertsKind& kind : experts_kinds()) {
+    SCOPED_TRACE(kind.name);
+    auto mk = device_kernel(d, first, where, kind, 16);
+    Stream stream;
+    CudaTensor y(first.x.dtype(), {spec.tokens, spec.hidden});
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal), cudaSuccess);
+    try {
+      mk->forward(args_of(d, y), ExecContext{stream.s});
+    } catch (const Error& e) {
+      ADD_FAILURE() << "forward during capture: " << e.what();
+    }
+    ASSERT_EQ(cudaStreamEndCapture(stream.s, &graph), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    for (const test::TestLayer* l : {&first, &second}) {
+      copy_to_device(l->x, d.x);
+      copy_to_device(l->routing.topk_ids, d.ids);
+      copy_to_device(l->routing.topk_weights, d.weights);
+      EXPECT_EQ(cudaMemset(y.view().data, 0xff, y.view().nbytes()), cudaSuccess);
+      EXPECT_EQ(cudaGraphLaunch(exec, stream.s), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream.s), cudaSuccess);
+      const Tensor got = y.to_host();
+      EXPECT_TRUE(test::rows_match(got.view().reshaped({spec.tokens, spec.hidden}),
+                                   oracle(*l, first.weights.view(), where), first.bound()));
+    }
+    EXPECT_EQ(cuda_bad_id_count(mk->prepare_finalize()), 0);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
+// Contract 8 on the device: a CUDA kernel needs a device workspace, and forward refuses tensors
+// on another device before enqueueing anything.
+TEST(CudaModularKernel, RefusesMixedDevicesAndHostWorkspace) {
+  SKIP_WITHOUT_CUDA();
+  test::LayerSpec spec;
+  spec.hidden = 64;
+  spec.intermediate = 32;
+  spec.tokens = 3;
+  const test::TestLayer layer(spec);
+  const DeviceLayer d(layer);
+  const Placement where = named(placements(spec.num_experts), "linear");
+  const ExpertsKind& kind = experts_kinds().front();
+  EXPECT_TRUE(test::error_mentions(
+      [&] {
+        ModularKernel(make_cuda_prepare_finalize(where.map, 0),
+                      kind.make(d.global(), spec.activation), make_cuda_weight_and_reduce(),
+                      KernelConfig{spec.top_k, layer.x.dtype(), 16, Device{DeviceType::kCUDA, 0}});
+      },
+      "allocate_workspace"));
+  auto mk = device_kernel(d, layer, where, kind, 16);
+  Tensor host_y = test::sentinel_tensor(layer.x.dtype(), {spec.tokens, spec.hidden});
+  const test::Snapshot before(host_y);
+  EXPECT_TRUE(test::error_mentions(
+      [&] {
+        mk->forward({d.x, d.ids, d.weights, host_y});
+      },
+      "y: expected a tensor on cuda"));
+  EXPECT_TRUE(before.unchanged());
 }
 
 }  // namespace

@@ -50,6 +50,12 @@ class CudaTensor {
   TensorView view_;
 };
 
+// The workspace allocator of a ModularKernel whose tensors live on CUDA device `device` (-1: the
+// current one): KernelConfig{..., .device = {DeviceType::kCUDA, id},
+// .allocate_workspace = cuda_workspace_allocator(id)}. Allocates (cudaMalloc) when the kernel is
+// built, never in forward.
+WorkspaceAllocator cuda_workspace_allocator(int device = -1);
+
 // Host <-> device copies between views of equal shape and dtype (contiguous), synchronous.
 void copy_to_device(const TensorView& host, const TensorView& device);
 void copy_to_host(const TensorView& device, const TensorView& host);

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -203,10 +204,17 @@ std::shared_ptr<Experts> make_fallback_experts(std::shared_ptr<Experts> small,
                                                std::shared_ptr<Experts> large,
                                                int64_t max_small_tokens);
 
+// Allocates `bytes` of workspace (64-byte aligned) on a kernel's device; the pointer owns them.
+using WorkspaceAllocator = std::function<std::shared_ptr<void>(size_t bytes)>;
+
 struct KernelConfig {
   int top_k = 0;
   DType act_dtype = DType::kBF16;  // x and y
   int64_t chunk_tokens = 1024;     // workspace is sized for this many rows, whatever M is
+  // Where forward's x, topk_ids, topk_weights and y live; the workspace is allocated there once,
+  // by allocate_workspace (null: host memory, CPU only). CUDA: cuda_workspace_allocator().
+  Device device{};
+  WorkspaceAllocator allocate_workspace = nullptr;
 };
 
 struct ForwardArgs {
@@ -229,6 +237,11 @@ class ModularKernel {
                                                      const KernelConfig& config);
   // Validates every argument before writing anything (throws moekit::Error), then runs the
   // layer chunk by chunk. Not re-entrant: one forward at a time per ModularKernel.
+  // Shapes, dtypes, layouts, overlaps and devices (all on config.device) are checked on the host.
+  // The id values ([0, E) or -1) are checked only for CPU tensors: on a device that would need a
+  // host synchronisation, so forward enqueues its work on ctx.stream and returns (CUDA-graph
+  // capturable), and the device prepare treats bad ids as -1 and counts them
+  // (cuda_bad_id_count()).
   void forward(const ForwardArgs& args, const ExecContext& ctx = {});
 
   const MoEProblem& problem() const { return problem_; }  // tokens = chunk_tokens
@@ -243,7 +256,7 @@ class ModularKernel {
   KernelConfig config_;
   MoEProblem problem_;
   size_t workspace_bytes_ = 0;
-  Tensor workspace_;
+  std::shared_ptr<void> workspace_;  // workspace_bytes_ on config_.device
 };
 
 }  // namespace moekit

@@ -28,7 +28,6 @@ struct Shared {
   uint32_t bits[kWarp];
   int32_t active[kMaxLocalExperts];
   int num_active;
-  int32_t pairs[kWarps][kTokens];  // each warp's current tokens
 };
 
 __device__ void load_routing(const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs,
@@ -59,30 +58,30 @@ __device__ void load_routing(const int32_t* __restrict__ ids, int64_t ids_stride
   __syncthreads();
 }
 
-// The next up to kTokens pairs routed to expert e at or after *pos (in pair order), into
-// sh.pairs[warp]; returns how many. Whole warp.
-__device__ int next_pairs(const int32_t* ids_s, int num_pairs, int e, int& pos, Shared& sh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+// The next up to kTokens pairs routed to expert e at or after `pos` (in pair order); lane t <
+// count gets pair t in `mine`. Whole warp; returns count (warp-uniform). The pairs stay in
+// registers (other lanes read them with __shfl_sync): a per-warp list in shared memory, written
+// and read by different lanes, is what racecheck reported in v3.
+__device__ int next_pairs(const int32_t* ids_s, int num_pairs, int e, int& pos, int& mine) {
+  const int lane = threadIdx.x % kWarp;
   int count = 0;
   while (count < kTokens && pos < num_pairs) {
     const int p = pos + lane;
-    const bool match = p < num_pairs && ids_s[p] == e;
-    const uint32_t m = __ballot_sync(0xffffffffu, match);
-    const int want = kTokens - count, found = __popc(m);
-    if (match) {
-      const int rank = __popc(m & ((1u << lane) - 1));
-      if (rank < want) sh.pairs[warp][count + rank] = p;
-    }
-    if (found > want) {
-      pos += static_cast<int>(__fns(m, 0, want + 1));  // resume at the first pair not taken
-      count = kTokens;
-    } else {
-      pos += kWarp;
-      count += found;
-    }
+    uint32_t m = __ballot_sync(0xffffffffu, p < num_pairs && ids_s[p] == e);
+    // Lane count + i takes the i-th match; the walk over m's set bits is warp-uniform.
+    const int take = min(__popc(m), kTokens - count);
+    for (int i = 0; i < take; ++i, m &= m - 1)
+      if (lane == count + i) mine = pos + __ffs(m) - 1;
+    count += take;
+    pos = m && count == kTokens ? pos + __ffs(m) - 1 : pos + kWarp;  // resume at a match not taken
   }
-  __syncwarp();
   return count;
+}
+
+// Pair t of the warp's current pass (0 past nt, so that rows stay in bounds), on every lane.
+__device__ __forceinline__ int pair_of(int mine, int t, int nt) {
+  const int p = __shfl_sync(0xffffffffu, mine, t);
+  return t < nt ? p : 0;
 }
 
 // acc[r][t] = row w[r] . x[t] over K (K % 8 == 0, rows 16-byte aligned), summed over the warp.
@@ -164,11 +163,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                                    w.w13 + ex * w.w13_expert_stride + rows[1] * w.w13_row_stride};
     const float b0 = bias_at(w.b13, ex * w.b13_expert_stride + rows[0]);
     const float b1 = bias_at(w.b13, ex * w.b13_expert_stride + rows[1]);
-    const int32_t* mine = sh.pairs[threadIdx.x / kWarp];
-    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, sh)) > 0;) {
+    int mine = 0;
+    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
       const uint16_t* x[kTokens];
 #pragma unroll
-      for (int t = 0; t < kTokens; ++t) x[t] = a1 + (t < nt ? mine[t] / k : 0) * a1_stride;
+      for (int t = 0; t < kTokens; ++t) x[t] = a1 + pair_of(mine, t, nt) / k * a1_stride;
       float acc[2][kTokens];
       warp_dots<2>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
@@ -178,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int t = 1; t < kTokens; ++t)
           if (lane == t) g = acc[0][t], u = acc[1][t];
-        uint16_t* out = h + static_cast<int64_t>(mine[lane]) * I;
+        uint16_t* out = h + static_cast<int64_t>(mine) * I;
         if (act.gated) {
           out[j0] = float_to_bf16_bits(apply_activation(act, g + b0, u + b1));
         } else {
@@ -186,7 +185,6 @@ __global__ void __launch_bounds__(kThreads, 2)
           out[j0 + 1] = float_to_bf16_bits(apply_activation(act, u + b1, 0.0f));
         }
       }
-      __syncwarp();  // sh.pairs is refilled by the next pass
     }
   }
 }
@@ -213,11 +211,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int r = 0; r < kRows2; ++r)
       wr[r] = w.w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
-    const int32_t* mine = sh.pairs[threadIdx.x / kWarp];
-    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, sh)) > 0;) {
+    int mine = 0;
+    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
+      int pairs[kTokens];
       const uint16_t* x[kTokens];
 #pragma unroll
-      for (int t = 0; t < kTokens; ++t) x[t] = h + (t < nt ? mine[t] : 0) * I;
+      for (int t = 0; t < kTokens; ++t) {
+        pairs[t] = pair_of(mine, t, nt);
+        x[t] = h + pairs[t] * I;
+      }
       float acc[kRows2][kTokens];
       warp_dots<kRows2>(wr, x, nt, I, acc);
       const int lane = threadIdx.x % kWarp;
@@ -227,9 +229,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int r = 0; r < kRows2; ++r)
           if (lane == t * kRows2 + r && t < nt)
-            out[static_cast<int64_t>(mine[t]) * H + row0 + r] =
+            out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
                 acc[r][t] + bias_at(w.b2, ex * w.b2_expert_stride + row0 + r);
-      __syncwarp();
     }
   }
 }

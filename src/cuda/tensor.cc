@@ -73,6 +73,15 @@ Tensor CudaTensor::to_host() const {
   return h;
 }
 
+WorkspaceAllocator cuda_workspace_allocator(int device) {
+  if (device < 0) MOEKIT_CUDA_CHECK(cudaGetDevice(&device));
+  return [device](size_t bytes) {
+    auto t = std::make_shared<CudaTensor>(
+        DType::kU8, std::initializer_list<int64_t>{static_cast<int64_t>(bytes)}, device);
+    return std::shared_ptr<void>(t, t->view().data);  // owns the tensor, points at its bytes
+  };
+}
+
 namespace {
 
 void check_copy(const TensorView& host, const TensorView& device, const char* what) {

@@ -63,6 +63,9 @@ std::optional<std::string> ModularKernel::check_compatible(const PrepareFinalize
            std::to_string(map.num_experts()) + "]";
   if (config.chunk_tokens < 1)
     return "config: chunk_tokens " + std::to_string(config.chunk_tokens) + " < 1";
+  if (config.device.type != DeviceType::kCPU && !config.allocate_workspace)
+    return "config: a workspace on " + config.device.str() +
+           " needs allocate_workspace (cuda_workspace_allocator())";
   if (!traits(config.act_dtype).is_float)
     return "config: activation dtype " + std::string(name(config.act_dtype)) + " is not a float";
   const int64_t local = map.num_local(pf.rank());
@@ -96,12 +99,17 @@ ModularKernel::ModularKernel(std::shared_ptr<PrepareFinalize> pf, std::shared_pt
       Workspace::aligned(fused_out_elements(dispatched, experts_->activation_format(),
                                             experts_->weight_application()) *
                          4);
-  workspace_ = Tensor(DType::kU8, {static_cast<int64_t>(workspace_bytes_)});
+  if (config_.allocate_workspace) {
+    workspace_ = config_.allocate_workspace(workspace_bytes_);
+  } else {
+    workspace_ = std::shared_ptr<void>(aligned_alloc_bytes(static_cast<int64_t>(workspace_bytes_)),
+                                       aligned_free_bytes);
+  }
 }
 
 namespace {
 
-void validate(const ForwardArgs& a, const MoEProblem& p) {
+void validate(const ForwardArgs& a, const MoEProblem& p, const Device& device) {
   check_data(a.x, "x");
   check_data(a.topk_ids, "topk_ids");
   check_data(a.topk_weights, "topk_weights");
@@ -119,7 +127,7 @@ void validate(const ForwardArgs& a, const MoEProblem& p) {
   for (const auto& [t, what] : {std::pair{&a.x, "x"}, {&a.topk_ids, "topk_ids"},
                                 {&a.topk_weights, "topk_weights"}, {&a.y, "y"}}) {
     check_row_major(*t, what);
-    MOEKIT_CHECK(t->device.type == DeviceType::kCPU, what, ": expected a CPU tensor, got ",
+    MOEKIT_CHECK(t->device == device, what, ": expected a tensor on ", device.str(), ", got ",
                  t->str());
   }
   MOEKIT_CHECK(!a.y.overlaps(a.x), "y overlaps x (in-place is not supported)");
@@ -127,6 +135,7 @@ void validate(const ForwardArgs& a, const MoEProblem& p) {
   MOEKIT_CHECK(!a.y.overlaps(a.topk_weights), "y overlaps topk_weights");
   MOEKIT_CHECK(!a.weight_on_input || p.top_k == 1, "weight_on_input needs top_k 1, got ",
                p.top_k);
+  if (device.type != DeviceType::kCPU) return;  // ids on a device: see forward's comment
   for (int64_t t = 0; t < M; ++t) {
     const int32_t* ids = a.topk_ids.row<int32_t>(t);
     for (int s = 0; s < p.top_k; ++s)
@@ -138,7 +147,7 @@ void validate(const ForwardArgs& a, const MoEProblem& p) {
 }  // namespace
 
 void ModularKernel::forward(const ForwardArgs& a, const ExecContext& ctx) {
-  validate(a, problem_);
+  validate(a, problem_, config_.device);
   const int64_t M = a.x.size(0);
   TopKWeightApplied applied = experts_->weight_application();
   // Weights applied on the input count as applied once; finalize must only sum (contract 3).
@@ -148,12 +157,13 @@ void ModularKernel::forward(const ForwardArgs& a, const ExecContext& ctx) {
   for (int64_t round = 0; round < rounds; ++round) {
     const int64_t begin = std::min(M, round * config_.chunk_tokens);
     const int64_t end = std::min(M, begin + config_.chunk_tokens);
-    Workspace ws(workspace_.view().data, workspace_bytes_);
+    Workspace ws(workspace_.get(), workspace_bytes_);
     PrepareRequest req{a.x.slice0(begin, end), a.topk_ids.slice0(begin, end),
                        a.topk_weights.slice0(begin, end), a.token_key_offset + begin,
                        a.weight_on_input, experts_->activation_spec()};
     DispatchedBatch batch = pf_->prepare(req, ws, ctx);
-    const TensorView out = take_fused_out(ws, batch, problem_, experts_->weight_application());
+    TensorView out = take_fused_out(ws, batch, problem_, experts_->weight_application());
+    out.device = config_.device;
     experts_->apply(batch, out, ws, ctx);
     pf_->finalize({a.y.slice0(begin, end), out, req.topk_ids, req.topk_weights, applied, wr_.get()},
                   ws, ctx);

@@ -146,7 +146,9 @@ std::vector<ExpertsEntry> experts_registry() {
   CpuIsa best = CpuIsa::kScalar;
   for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
     if (!cpu_supports(isa)) continue;
-    entries.push_back({"cpu-" + std::string(name(isa)), cpu(isa), false});
+    // Each output element comes from one tile with the same K order whatever the batch: a
+    // token's row does not depend on the others (Contract9BatchInvariance checks it).
+    entries.push_back({"cpu-" + std::string(name(isa)), cpu(isa), true});
     best = isa;
   }
   entries.push_back({"fallback",
