@@ -17,13 +17,6 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
   AllToAllPrepareFinalize(std::shared_ptr<Communicator> comm, ExpertMap map)
       : EpPrepareFinalize(std::move(comm), std::move(map), "all-to-all") {}
 
-  ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
-
-  // Each rank's token arrives at most once: at most ranks * chunk rows.
-  int64_t max_dispatched_tokens(const MoEProblem& p) const override {
-    return p.tokens * comm_->size();
-  }
-
   size_t workspace_size(const MoEProblem& p) const override {
     const int64_t M = p.tokens, T = max_dispatched_tokens(p), H = p.hidden, k = p.top_k;
     const int64_t rec = record_bytes(H, k, 4), fanout = std::min<int64_t>(k, comm_->size());

@@ -22,6 +22,11 @@ class EpPrepareFinalize : public DistributedPrepareFinalize {
   int64_t num_rounds(int64_t local_tokens, int64_t chunk) override {
     return comm_->all_reduce_max((local_tokens + chunk - 1) / chunk);
   }
+  // Standard format by default; a rank receives each rank's chunk at most once.
+  ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
+  int64_t max_dispatched_tokens(const MoEProblem& p) const override {
+    return p.tokens * comm_->size();
+  }
 
  protected:
   // Adds the seconds since `start` to `total`.

@@ -12,12 +12,6 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
   NaivePrepareFinalize(std::shared_ptr<Communicator> comm, ExpertMap map)
       : EpPrepareFinalize(std::move(comm), std::move(map), "naive-ep") {}
 
-  ActivationFormat activation_format() const override { return ActivationFormat::kStandard; }
-
-  int64_t max_dispatched_tokens(const MoEProblem& p) const override {
-    return p.tokens * comm_->size();
-  }
-
   size_t workspace_size(const MoEProblem& p) const override {
     const int64_t M = p.tokens, T = max_dispatched_tokens(p), H = p.hidden, k = p.top_k;
     // a_local [M, H] + a1 [T, H] (<= 4 B each) + ids/weights to send [M, k] x2 + gathered
