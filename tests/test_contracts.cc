@@ -12,6 +12,7 @@
 
 #include "moekit/check.h"
 #include "moekit/cpu.h"
+#include "moekit/dist/communicator.h"
 #include "support/test_support.h"
 
 namespace moekit::check {
@@ -107,11 +108,12 @@ class RecordingExperts final : public Experts {
 // Experts that only describe themselves: `format` and `refusal` are what contract 5 is about.
 class StubExperts final : public Experts {
  public:
-  StubExperts(ExpertsInfo info, ActivationFormat format, std::optional<std::string> refusal)
-      : info_(std::move(info)), format_(format), refusal_(std::move(refusal)) {}
+  StubExperts(ExpertsInfo info, ActivationFormat format, std::optional<std::string> refusal,
+              ActivationSpec spec = {})
+      : info_(std::move(info)), format_(format), refusal_(std::move(refusal)), spec_(spec) {}
   std::string_view name() const override { return "stub"; }
   ActivationFormat activation_format() const override { return format_; }
-  ActivationSpec activation_spec() const override { return {}; }
+  ActivationSpec activation_spec() const override { return spec_; }
   TopKWeightApplied weight_application() const override { return TopKWeightApplied::kNone; }
   const ExpertsInfo& info() const override { return info_; }
   std::optional<std::string> can_implement(const MoEProblem&) const override { return refusal_; }
@@ -125,6 +127,7 @@ class StubExperts final : public Experts {
   ExpertsInfo info_;
   ActivationFormat format_;
   std::optional<std::string> refusal_;
+  ActivationSpec spec_;
 };
 
 // Local prepare/finalize that overwrites the dispatched weights copy with garbage and checks
@@ -368,6 +371,24 @@ TEST(Contract5, BatchedExpertsBehindStandardDispatchAreRefused) {
         ModularKernel(pf, stub, make_cpu_weight_and_reduce(1), {2, DType::kBF16, 64});
       },
       "batched"));
+}
+
+// Contract 4: no prepare/finalize quantizes yet, so experts asking for scaled activations are
+// refused when the kernel is built, by every registered one, instead of losing the scale.
+TEST(Contract4, ScaledActivationsAreRefusedUntilAPrepareCarriesThem) {
+  const TestLayer layer({.tokens = 1});
+  const ExpertMap map = ExpertMap::linear(8, 1);
+  for (ScaleKind kind : {ScaleKind::kTensor, ScaleKind::kToken, ScaleKind::kBlock}) {
+    auto stub = std::make_shared<StubExperts>(info_of(layer), ActivationFormat::kStandard,
+                                              std::nullopt, ActivationSpec{DType::kBF16, kind, 128});
+    for (const auto& entry : check::prepare_finalize_registry()) {
+      auto pf = entry.make(map, 0, make_single_communicator(), 16);
+      if (pf->activation_format() != ActivationFormat::kStandard) continue;
+      const auto reason = ModularKernel::check_compatible(*pf, *stub, {2, DType::kBF16, 16});
+      ASSERT_NE(reason, std::nullopt) << entry.name;
+      EXPECT_NE(reason->find("typed scale"), std::string::npos) << *reason;
+    }
+  }
 }
 
 TEST(Contract5, ExpertsRefusingTheProblemAreRefusedWithTheirReason) {

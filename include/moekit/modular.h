@@ -187,6 +187,10 @@ class PrepareFinalize {
   virtual size_t workspace_size(const MoEProblem& p) const = 0;
   // nullopt when finalize can combine what experts of this weight application produce.
   virtual std::optional<std::string> can_combine(TopKWeightApplied) const { return std::nullopt; }
+  // nullopt when prepare can hand the experts activations as `spec` asks. Unscaled float
+  // activations only, until a prepare/finalize quantizes and moves typed scales (contract 4):
+  // refusing here is what keeps a scale from being dropped silently.
+  virtual std::optional<std::string> can_dispatch(const ActivationSpec& spec) const;
   virtual DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws,
                                   const ExecContext& ctx) = 0;
   virtual void finalize(const FinalizeRequest& req, Workspace& ws, const ExecContext& ctx) = 0;

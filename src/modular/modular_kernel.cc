@@ -73,6 +73,8 @@ std::optional<std::string> ModularKernel::check_compatible(const PrepareFinalize
     return ex + " holds " + std::to_string(experts.info().num_local_experts) +
            " experts but the expert map " + map.str() + " places " + std::to_string(local) +
            " on rank " + std::to_string(pf.rank());
+  if (auto r = pf.can_dispatch(experts.activation_spec()))
+    return pfn + " cannot feed " + ex + ": " + *r;
   if (auto r = pf.can_combine(experts.weight_application()))
     return pfn + " cannot combine " + ex + " (top-k weights " +
            std::string(name(experts.weight_application())) + "): " + *r;

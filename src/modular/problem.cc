@@ -114,4 +114,11 @@ std::optional<std::string> validate_weights(const ExpertWeights& w, const Activa
   return std::nullopt;
 }
 
+std::optional<std::string> PrepareFinalize::can_dispatch(const ActivationSpec& spec) const {
+  if (spec.scale != ScaleKind::kNone || !traits(spec.dtype).is_float)
+    return "quantized activations (" + std::string(moekit::name(spec.dtype)) +
+           " with a typed scale) are not dispatched by this prepare/finalize";
+  return std::nullopt;
+}
+
 }  // namespace moekit

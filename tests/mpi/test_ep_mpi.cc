@@ -38,6 +38,48 @@ INSTANTIATE_TEST_SUITE_P(
       return test_name(info.param.name());
     });
 
+// Every slot picks an expert that rank 0 holds: all traffic converges on one rank, the others
+// compute nothing. Reference experts and per-slot returns keep it bit-exact with one rank.
+TEST(EpMpi, AllTokensToOneRanksExperts) {
+  const int R = g_comm->size(), me = g_comm->rank();
+  LayerSpec spec;
+  spec.tokens = 37;
+  spec.padding_period = 5;
+  TestLayer layer(spec);
+  const ExpertMap map = ExpertMap::round_robin(spec.num_experts, R);
+  const auto mine = map.local_to_global(0);
+  const int k = layer.routing.config.top_k;
+  ASSERT_GE(static_cast<int>(mine.size()), k);
+  int32_t* ids = layer.routing.topk_ids.data<int32_t>();
+  for (int64_t i = 0; i < spec.tokens * k; ++i)
+    if (ids[i] >= 0) ids[i] = mine[(i / k + i % k) % mine.size()];
+  const check::ExpertsEntry& entry = experts_entry("reference");
+  auto single = layer.kernel(entry, 16);
+  const Tensor want = layer.forward(*single);
+
+  const std::vector<int64_t> rows = check::split_rows(spec.tokens, R);
+  int64_t begin = 0;
+  for (int r = 0; r < me; ++r) begin += rows[r];
+  const int64_t end = begin + rows[me], most = *std::max_element(rows.begin(), rows.end());
+  for (const auto& pe : check::prepare_finalize_registry()) {
+    if (!pe.distributed) continue;
+    auto pf = pe.make(map, me, g_comm, most);
+    auto experts = entry.make(ExpertWeights::local_view(layer.weights.view(), map, me),
+                              spec.activation, 1);
+    const bool batched = pf->activation_format() == ActivationFormat::kBatched;
+    if (batched) experts = make_batched_experts(experts);
+    ModularKernel kernel(pf, experts, make_cpu_weight_and_reduce(1),
+                         {k, spec.dtype, batched ? most : 16});
+    const Tensor y = forward(kernel, layer.x.view().slice0(begin, end),
+                             layer.routing.topk_ids.view().slice0(begin, end),
+                             layer.routing.topk_weights.view().slice0(begin, end), false, begin);
+    if (pe.name == "naive")  // sums per-rank partials: within the bound, not bit for bit
+      EXPECT_TRUE(rows_match(y, want.view().slice0(begin, end), layer.bound(R))) << pe.name;
+    else
+      EXPECT_TRUE(bits_equal(y, want.view().slice0(begin, end))) << pe.name << " rank " << me;
+  }
+}
+
 TEST(EpMpi, AgreementCheckRefusesADifferentLayer) {
   // Rank 1 builds H = 68 while the others build 67: every rank must refuse at construction.
   Communicator& comm = *g_comm;
