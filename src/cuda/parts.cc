@@ -7,6 +7,7 @@
 #include "cuda/check.h"
 #include "cuda/kernels.h"
 #include "moekit/cuda.h"
+#include "modular/dispatch_util.h"
 
 namespace moekit {
 namespace {
@@ -47,9 +48,7 @@ class CudaPrepareFinalize final : public PrepareFinalize {
   int rank() const override { return rank_; }
 
   std::optional<std::string> can_implement(const MoEProblem& p) const override {
-    if (p.num_experts != map_.num_experts())
-      return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
-             std::to_string(map_.num_experts());
+    if (auto r = detail::expert_count_mismatch(p, map_)) return r;
     if (!traits(p.act_dtype).is_float)
       return "activation dtype " + std::string(moekit::name(p.act_dtype)) + " is not a float";
     return std::nullopt;

@@ -10,7 +10,9 @@ namespace moekit {
 
 namespace {
 
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+int64_t round_up(int64_t x, int64_t to) {
+  return (x + to - 1) / to * to;
+}
 
 class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
  public:
@@ -29,7 +31,7 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     const int64_t elt = element_bytes(req.spec.dtype), rec = record_bytes(H, k, elt);
@@ -98,14 +100,12 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
       std::memcpy(b.topk_weights.row<float>(i), r + H * elt + k * 4, k * 4);
     }
     local_ids_ = b.topk_ids;
-    stats_.dispatch_bytes_sent += detail::Counts::total(bytes.send) - bytes.send[rank()];
-    ++stats_.rounds;
-    charge(stats_.dispatch_seconds, start);
+    count_dispatch(detail::Counts::total(bytes.send) - bytes.send[rank()], start);
     return b;
   }
 
   void finalize(const FinalizeRequest& req, Workspace& ws, const ExecContext& ctx) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.y.size(0), H = req.y.size(1), k = local_ids_.size(1);
     const int64_t row_bytes = H * 4;
@@ -140,10 +140,8 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
           std::memcpy(combined.ptr<float>() + (t * k + s) * H, in + next[d], row_bytes);
           next[d] += row_bytes;
         }
-    req.weight_and_reduce->apply(combined, req.topk_ids, req.topk_weights, req.applied, req.y,
-                                 ctx);
-    stats_.combine_bytes_sent += detail::Counts::total(bytes.send) - bytes.send[rank()];
-    charge(stats_.combine_seconds, start);
+    req.weight_and_reduce->apply(combined, req.topk_ids, req.topk_weights, req.applied, req.y, ctx);
+    count_combine(detail::Counts::total(bytes.send) - bytes.send[rank()], start);
   }
 
   std::optional<std::string> can_combine(TopKWeightApplied applied) const override {
@@ -157,8 +155,8 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
     return round_up(H * elt + 8 * k, 16);
   }
 
-  TensorView dest_;                // [M, k] serving rank per (token, slot), -1 padding
-  TensorView local_ids_;           // [T, k] received rows' local ids
+  TensorView dest_;                 // [M, k] serving rank per (token, slot), -1 padding
+  TensorView local_ids_;            // [T, k] received rows' local ids
   std::vector<int64_t> rows_from_;  // rows received from each rank
 };
 

@@ -11,8 +11,8 @@ class BatchedExperts final : public Experts {
  public:
   explicit BatchedExperts(std::shared_ptr<Experts> inner) : inner_(std::move(inner)) {
     MOEKIT_CHECK(inner_, "batched experts: an inner implementation is required");
-    MOEKIT_CHECK(inner_->activation_format() == ActivationFormat::kStandard,
-                 "batched experts: '", inner_->name(), "' must use the standard format");
+    MOEKIT_CHECK(inner_->activation_format() == ActivationFormat::kStandard, "batched experts: '",
+                 inner_->name(), "' must use the standard format");
     MOEKIT_CHECK(inner_->weight_application() == TopKWeightApplied::kNone, "batched experts: '",
                  inner_->name(), "' must leave top-k weights to finalize");
     name_ = "batched(" + std::string(inner_->name()) + ")";

@@ -14,6 +14,17 @@ int64_t Communicator::all_reduce_max(int64_t value) {
   return m;
 }
 
+void Communicator::check_counts(std::span<const size_t> counts, const char* op) const {
+  MOEKIT_CHECK(counts.size() == static_cast<size_t>(size()), op, ": ", counts.size(),
+               " counts for ", size(), " ranks");
+}
+
+void Communicator::check_gather(size_t send_bytes, std::span<const size_t> recv_bytes) const {
+  check_counts(recv_bytes, "all_gather_v");
+  MOEKIT_CHECK(recv_bytes[rank()] == send_bytes, "all_gather_v: recv_bytes[", rank(),
+               "] = ", recv_bytes[rank()], " but this rank sends ", send_bytes);
+}
+
 namespace {
 
 class SingleCommunicator final : public Communicator {
@@ -23,9 +34,7 @@ class SingleCommunicator final : public Communicator {
   int size() const override { return 1; }
   void all_gather_v(const void* send, size_t send_bytes, void* recv,
                     std::span<const size_t> recv_bytes) override {
-    check_counts(recv_bytes, "all_gather_v");
-    MOEKIT_CHECK(recv_bytes[0] == send_bytes, "all_gather_v: recv_bytes[0] = ", recv_bytes[0],
-                 " but this rank sends ", send_bytes);
+    check_gather(send_bytes, recv_bytes);
     if (send_bytes) std::memmove(recv, send, send_bytes);
   }
   void all_to_all_v(const void* send, std::span<const size_t> send_bytes, void* recv,
@@ -42,11 +51,6 @@ class SingleCommunicator final : public Communicator {
     if (recv_counts[0]) std::memmove(recv, send, recv_counts[0] * sizeof(float));
   }
   void barrier() override {}
-
- private:
-  static void check_counts(std::span<const size_t> counts, const char* op) {
-    MOEKIT_CHECK(counts.size() == 1, op, ": ", counts.size(), " counts for 1 rank");
-  }
 };
 
 }  // namespace
@@ -58,8 +62,8 @@ std::shared_ptr<Communicator> make_single_communicator() {
 std::string LayerSignature::str() const {
   std::ostringstream os;
   os << "E=" << num_experts << " H=" << hidden << " I=" << intermediate << " k=" << top_k
-     << " act_dtype=" << act_dtype << " weight_dtype=" << weight_dtype << " activation#"
-     << std::hex << activation_hash << " placement#" << placement_fingerprint;
+     << " act_dtype=" << act_dtype << " weight_dtype=" << weight_dtype << " activation#" << std::hex
+     << activation_hash << " placement#" << placement_fingerprint;
   return os.str();
 }
 
@@ -81,11 +85,11 @@ void check_consistent(Communicator& comm, const LayerSignature& mine) {
     cmp("activation", a.activation_hash, b.activation_hash);
     cmp("placement", a.placement_fingerprint, b.placement_fingerprint);
     if (!fields.empty())
-      bad << "\n  rank " << r << " differs from rank 0 in " << fields << " (rank 0: "
-          << a.str() << "; rank " << r << ": " << b.str() << ")";
+      bad << "\n  rank " << r << " differs from rank 0 in " << fields << " (rank 0: " << a.str()
+          << "; rank " << r << ": " << b.str() << ")";
   }
-  MOEKIT_CHECK(bad.str().empty(), "ranks disagree on the layer (seen on rank ", comm.rank(), "):",
-               bad.str());
+  MOEKIT_CHECK(bad.str().empty(), "ranks disagree on the layer (seen on rank ", comm.rank(),
+               "):", bad.str());
 }
 
 }  // namespace moekit

@@ -12,14 +12,24 @@ bool launched_by_mpi() {
 }
 
 #ifndef MOEKIT_HAVE_MPI
-std::shared_ptr<Communicator> make_mpi_communicator() { return nullptr; }
-std::shared_ptr<Communicator> make_mpi_communicator(int) { return nullptr; }
-bool mpi_available() { return false; }
+std::shared_ptr<Communicator> make_mpi_communicator() {
+  return nullptr;
+}
+std::shared_ptr<Communicator> make_mpi_communicator(int) {
+  return nullptr;
+}
+bool mpi_available() {
+  return false;
+}
 #endif
 
 #ifndef MOEKIT_HAVE_NCCL
-std::shared_ptr<Communicator> make_nccl_communicator(const NcclOptions&) { return nullptr; }
-bool nccl_available() { return false; }
+std::shared_ptr<Communicator> make_nccl_communicator(const NcclOptions&) {
+  return nullptr;
+}
+bool nccl_available() {
+  return false;
+}
 #endif
 
 }  // namespace moekit

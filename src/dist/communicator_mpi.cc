@@ -71,9 +71,7 @@ class MpiCommunicator final : public Communicator {
 
   void all_gather_v(const void* send, size_t send_bytes, void* recv,
                     std::span<const size_t> recv_bytes) override {
-    check_counts(recv_bytes, "all_gather_v");
-    MOEKIT_CHECK(recv_bytes[rank_] == send_bytes, "all_gather_v: recv_bytes[", rank_, "] = ",
-                 recv_bytes[rank_], " but this rank sends ", send_bytes);
+    check_gather(send_bytes, recv_bytes);
     std::vector<Message> sends, recvs;
     char* out = static_cast<char*>(recv);
     for (int r = 0; r < size_; ++r) {
@@ -125,11 +123,6 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  void check_counts(std::span<const size_t> counts, const char* op) const {
-    MOEKIT_CHECK(counts.size() == static_cast<size_t>(size_), op, ": ", counts.size(),
-                 " counts for ", size_, " ranks");
-  }
-
   // Posts every receive and send (self by copy), then waits with the timeout. Each message is
   // sent even when empty, so a missing peer is always visible.
   void exchange(const char* op, std::span<const Message> sends, std::span<const Message> recvs) {
@@ -163,8 +156,7 @@ class MpiCommunicator final : public Communicator {
     const auto deadline = std::chrono::steady_clock::now() + timeout();
     for (int spins = 0;; ++spins) {
       int done = 0;
-      mpi_check(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done,
-                            MPI_STATUSES_IGNORE),
+      mpi_check(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE),
                 op);
       if (done) return;
       if (std::chrono::steady_clock::now() > deadline) break;
@@ -217,6 +209,8 @@ std::shared_ptr<Communicator> make_mpi_communicator(int ranks) {
   return std::make_shared<MpiCommunicator>(comm);
 }
 
-bool mpi_available() { return true; }
+bool mpi_available() {
+  return true;
+}
 
 }  // namespace moekit

@@ -74,9 +74,7 @@ class NcclCommunicator final : public Communicator {
 
   void all_gather_v(const void* send, size_t send_bytes, void* recv,
                     std::span<const size_t> recv_bytes) override {
-    check_counts(recv_bytes, "all_gather_v");
-    MOEKIT_CHECK(recv_bytes[rank_] == send_bytes, "all_gather_v: recv_bytes[", rank_, "] = ",
-                 recv_bytes[rank_], " but this rank sends ", send_bytes);
+    check_gather(send_bytes, recv_bytes);
     std::vector<size_t> sends(size_, send_bytes);
     exchange("all_gather_v", send, sends, /*same_send=*/true, recv, recv_bytes);
   }
@@ -114,11 +112,6 @@ class NcclCommunicator final : public Communicator {
                 comm_ ? std::string(" (") + ncclGetLastError(comm_) + ")" : std::string());
   }
 
-  void check_counts(std::span<const size_t> counts, const char* op) const {
-    MOEKIT_CHECK(counts.size() == static_cast<size_t>(size_), op, ": ", counts.size(),
-                 " counts for ", size_, " ranks");
-  }
-
   // Rank 0 writes the id to `file` (atomically, by rename); the others wait for it.
   ncclUniqueId exchange_id_by_file(const char* file) {
     ncclUniqueId id;
@@ -131,8 +124,8 @@ class NcclCommunicator final : public Communicator {
     }
     const auto deadline = std::chrono::steady_clock::now() + timeout();
     while (!std::filesystem::exists(file)) {
-      MOEKIT_CHECK(std::chrono::steady_clock::now() < deadline, "nccl communicator: rank ",
-                   rank_, " waited ", timeout().count(), " s for rank 0's id file ", file);
+      MOEKIT_CHECK(std::chrono::steady_clock::now() < deadline, "nccl communicator: rank ", rank_,
+                   " waited ", timeout().count(), " s for rank 0's id file ", file);
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     std::ifstream(file, std::ios::binary).read(id.internal, sizeof id.internal);
@@ -151,8 +144,10 @@ class NcclCommunicator final : public Communicator {
           cuda_check(cudaMemcpyAsync(out, in, recv_bytes[r], cudaMemcpyDeviceToDevice, stream_),
                      op);
       } else {
-        if (send_bytes[r]) nccl_check(ncclSend(in, send_bytes[r], ncclUint8, r, comm_, stream_), op);
-        if (recv_bytes[r]) nccl_check(ncclRecv(out, recv_bytes[r], ncclUint8, r, comm_, stream_), op);
+        if (send_bytes[r])
+          nccl_check(ncclSend(in, send_bytes[r], ncclUint8, r, comm_, stream_), op);
+        if (recv_bytes[r])
+          nccl_check(ncclRecv(out, recv_bytes[r], ncclUint8, r, comm_, stream_), op);
       }
       if (!same_send) in += send_bytes[r];
       out += recv_bytes[r];
@@ -231,6 +226,8 @@ std::shared_ptr<Communicator> make_nccl_communicator(const NcclOptions& options)
   return std::make_shared<NcclCommunicator>(options);
 }
 
-bool nccl_available() { return true; }
+bool nccl_available() {
+  return true;
+}
 
 }  // namespace moekit

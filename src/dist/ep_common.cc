@@ -2,6 +2,8 @@
 
 #include <functional>
 
+#include "modular/dispatch_util.h"
+
 namespace moekit {
 
 DistributedPrepareFinalize::DistributedPrepareFinalize(std::shared_ptr<Communicator> comm)
@@ -14,14 +16,12 @@ namespace detail {
 EpPrepareFinalize::EpPrepareFinalize(std::shared_ptr<Communicator> comm, ExpertMap map,
                                      std::string_view name)
     : DistributedPrepareFinalize(std::move(comm)), map_(std::move(map)), name_(name) {
-  MOEKIT_CHECK(map_.num_ranks() == comm_->size(), name_, ": the expert map ", map_.str(),
-               " has ", map_.num_ranks(), " ranks but the communicator has ", comm_->size());
+  MOEKIT_CHECK(map_.num_ranks() == comm_->size(), name_, ": the expert map ", map_.str(), " has ",
+               map_.num_ranks(), " ranks but the communicator has ", comm_->size());
 }
 
 std::optional<std::string> EpPrepareFinalize::can_implement(const MoEProblem& p) const {
-  if (p.num_experts != map_.num_experts())
-    return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
-           std::to_string(map_.num_experts());
+  if (auto r = detail::expert_count_mismatch(p, map_)) return r;
   LayerSignature sig;
   sig.num_experts = p.num_experts;
   sig.hidden = p.hidden;
@@ -29,9 +29,9 @@ std::optional<std::string> EpPrepareFinalize::can_implement(const MoEProblem& p)
   sig.top_k = p.top_k;
   sig.act_dtype = static_cast<int64_t>(p.act_dtype);
   sig.weight_dtype = static_cast<int64_t>(p.weight_dtype);
-  sig.activation_hash = std::hash<std::string>{}(p.activation.str() + "/" +
-                                                 std::to_string(p.activation.alpha) + "/" +
-                                                 std::to_string(p.activation.limit));
+  sig.activation_hash =
+      std::hash<std::string>{}(p.activation.str() + "/" + std::to_string(p.activation.alpha) + "/" +
+                               std::to_string(p.activation.limit));
   sig.placement_fingerprint = map_.fingerprint();
   try {
     check_consistent(*comm_, sig);

@@ -29,10 +29,24 @@ class EpPrepareFinalize : public DistributedPrepareFinalize {
   }
 
  protected:
-  // Adds the seconds since `start` to `total`.
-  static void charge(double& total, std::chrono::steady_clock::time_point start) {
-    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  using Clock = std::chrono::steady_clock;
+  // Stats of one prepare / finalize that began at `start` and sent `bytes` to other ranks.
+  void count_dispatch(int64_t bytes, Clock::time_point start) {
+    stats_.dispatch_bytes_sent += bytes;
+    ++stats_.rounds;
+    stats_.dispatch_seconds += seconds_since(start);
   }
+  void count_combine(int64_t bytes, Clock::time_point start) {
+    stats_.combine_bytes_sent += bytes;
+    stats_.combine_seconds += seconds_since(start);
+  }
+
+ private:
+  static double seconds_since(Clock::time_point start) {
+    return std::chrono::duration<double>(Clock::now() - start).count();
+  }
+
+ protected:
   ExpertMap map_;
   std::string name_;
 };

@@ -45,10 +45,9 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
       results_in += map_.num_local(d) * max_ * H * 4;
     }
     return Workspace::aligned(M * H * 4) + 3 * Workspace::aligned(M * k * 4) +
-           Workspace::aligned(slabs_out) +
-           R * Workspace::aligned(slab_bytes(rank(), H, 4)) + Workspace::aligned(rows * H * 4) +
-           Workspace::aligned(El * 4) + Workspace::aligned(R * El * max_ * H * 4) +
-           Workspace::aligned(results_in) +
+           Workspace::aligned(slabs_out) + R * Workspace::aligned(slab_bytes(rank(), H, 4)) +
+           Workspace::aligned(rows * H * 4) + Workspace::aligned(El * 4) +
+           Workspace::aligned(R * El * max_ * H * 4) + Workspace::aligned(results_in) +
            Workspace::aligned(M * k * H * 4);
   }
 
@@ -59,7 +58,7 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     const int64_t elt = element_bytes(req.spec.dtype);
@@ -114,14 +113,12 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
       }
       b.expert_num_tokens.ptr<int32_t>()[e] = n;
     }
-    stats_.dispatch_bytes_sent += detail::Counts::total(out_bytes) - out_bytes[rank()];
-    ++stats_.rounds;
-    charge(stats_.dispatch_seconds, start);
+    count_dispatch(detail::Counts::total(out_bytes) - out_bytes[rank()], start);
     return b;
   }
 
   void finalize(const FinalizeRequest& req, Workspace& ws, const ExecContext& ctx) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.y.size(0), H = req.y.size(1), k = dest_.size(1);
     const int64_t El = map_.num_local(rank()), N = rows_per_expert(), row = H * 4;
@@ -148,13 +145,12 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
     for (int64_t t = 0; t < M; ++t)
       for (int64_t s = 0; s < k; ++s)
         if (const int d = dest_.row<int32_t>(t)[s]; d >= 0)
-          std::memcpy(combined.ptr<float>() + (t * k + s) * H,
-                      in + base[d] + (local_.row<int32_t>(t)[s] * max_ + pos_.row<int32_t>(t)[s]) * row,
-                      row);
-    req.weight_and_reduce->apply(combined, req.topk_ids, req.topk_weights, req.applied, req.y,
-                                 ctx);
-    stats_.combine_bytes_sent += detail::Counts::total(out_bytes) - out_bytes[rank()];
-    charge(stats_.combine_seconds, start);
+          std::memcpy(
+              combined.ptr<float>() + (t * k + s) * H,
+              in + base[d] + (local_.row<int32_t>(t)[s] * max_ + pos_.row<int32_t>(t)[s]) * row,
+              row);
+    req.weight_and_reduce->apply(combined, req.topk_ids, req.topk_weights, req.applied, req.y, ctx);
+    count_combine(detail::Counts::total(out_bytes) - out_bytes[rank()], start);
   }
 
  private:

@@ -22,7 +22,7 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     headers_ = comm_->all_gather(Header{M, req.token_key_offset});
@@ -55,17 +55,16 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
         for (int64_t s = 0; s < k; ++s) {
           const int32_t e = ids_.row<int32_t>(row)[s];
           b.topk_ids.row<int32_t>(row)[s] = e < 0 ? -1 : map_.local_id(rank(), e, key);
-          b.topk_weights.row<float>(row)[s] = req.weight_on_input ? 1.0f : weights_.row<float>(row)[s];
+          b.topk_weights.row<float>(row)[s] =
+              req.weight_on_input ? 1.0f : weights_.row<float>(row)[s];
         }
       }
-    stats_.dispatch_bytes_sent += (R - 1) * M * (H * element_bytes(req.spec.dtype) + 8 * k);
-    ++stats_.rounds;
-    charge(stats_.dispatch_seconds, start);
+    count_dispatch((R - 1) * M * (H * element_bytes(req.spec.dtype) + 8 * k), start);
     return b;
   }
 
   void finalize(const FinalizeRequest& req, Workspace& ws, const ExecContext& ctx) override {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t H = req.y.size(1), M = req.y.size(0);
     // Contract 2: weight with the callers' routing (all ranks' original ids and weights).
@@ -76,8 +75,7 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
     for (int r = 0; r < R; ++r) counts[r] = headers_[r].rows * H;
     comm_->reduce_scatter_v(partial.ptr<float>(), mine.ptr<float>(), counts);
     detail::convert_activations(mine, TensorView{}, false, req.y);
-    stats_.combine_bytes_sent += (total_ - M) * H * 4;
-    charge(stats_.combine_seconds, start);
+    count_combine((total_ - M) * H * 4, start);
   }
 
  private:
@@ -92,8 +90,8 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
     int64_t rows, key_offset;
   };
   std::vector<Header> headers_;  // per rank, this round
-  int64_t total_ = 0;               // T: gathered rows
-  TensorView ids_, weights_;        // [T, k] the callers' routing, gathered
+  int64_t total_ = 0;            // T: gathered rows
+  TensorView ids_, weights_;     // [T, k] the callers' routing, gathered
 };
 
 }  // namespace

@@ -12,8 +12,15 @@ void convert_activations(const TensorView& x, const TensorView& topk_weights, bo
     const float scale = weight_on_input ? topk_weights.row<float>(t)[0] : 1.0f;
     for (int64_t h = 0; h < H; ++h)
       row[h] = load_as_float(x.data, x.dtype, t * x.stride[0] + h) * scale;
-    for (int64_t h = 0; h < H; ++h) store_from_float(out.data, out.dtype, t * out.stride[0] + h, row[h]);
+    for (int64_t h = 0; h < H; ++h)
+      store_from_float(out.data, out.dtype, t * out.stride[0] + h, row[h]);
   }
+}
+
+std::optional<std::string> expert_count_mismatch(const MoEProblem& p, const ExpertMap& map) {
+  if (p.num_experts == map.num_experts()) return std::nullopt;
+  return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
+         std::to_string(map.num_experts());
 }
 
 TensorView activations_for_experts(const PrepareRequest& req, Workspace& ws) {

@@ -3,8 +3,8 @@
 // weight-and-reduce with the caller's routing.
 #include <cstring>
 
-#include "moekit/modular.h"
 #include "modular/dispatch_util.h"
+#include "moekit/modular.h"
 
 namespace moekit {
 
@@ -23,9 +23,7 @@ class LocalPrepareFinalize final : public PrepareFinalize {
   int rank() const override { return rank_; }
 
   std::optional<std::string> can_implement(const MoEProblem& p) const override {
-    if (p.num_experts != map_.num_experts())
-      return "problem has E=" + std::to_string(p.num_experts) + " but the expert map has " +
-             std::to_string(map_.num_experts());
+    if (auto r = detail::expert_count_mismatch(p, map_)) return r;
     return std::nullopt;
   }
 
@@ -49,8 +47,8 @@ class LocalPrepareFinalize final : public PrepareFinalize {
       float* lw = b.topk_weights.row<float>(t);
       for (int64_t s = 0; s < k; ++s) {
         lids[s] = ids[s] < 0 ? -1
-                           : map_.local_id(rank_, ids[s],
-                                           detail::token_key(0, req.token_key_offset + t));
+                             : map_.local_id(rank_, ids[s],
+                                             detail::token_key(0, req.token_key_offset + t));
         lw[s] = req.weight_on_input ? 1.0f : w[s];
       }
     }
@@ -59,8 +57,8 @@ class LocalPrepareFinalize final : public PrepareFinalize {
   }
 
   void finalize(const FinalizeRequest& req, Workspace&, const ExecContext& ctx) override {
-    req.weight_and_reduce->apply(req.fused_out, req.topk_ids, req.topk_weights, req.applied,
-                                 req.y, ctx);
+    req.weight_and_reduce->apply(req.fused_out, req.topk_ids, req.topk_weights, req.applied, req.y,
+                                 ctx);
   }
 
  private:

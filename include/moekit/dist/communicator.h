@@ -49,6 +49,12 @@ class Communicator {
   }
   int64_t all_reduce_max(int64_t value);
 
+ protected:
+  // Argument checks every implementation makes: one count per rank; in all_gather_v, this
+  // rank's slot of recv_bytes equals what it sends.
+  void check_counts(std::span<const size_t> counts, const char* op) const;
+  void check_gather(size_t send_bytes, std::span<const size_t> recv_bytes) const;
+
  private:
   std::chrono::duration<double> timeout_ = std::chrono::seconds(60);
 };
