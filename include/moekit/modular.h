@@ -20,6 +20,7 @@
 #include "moekit/activation.h"
 #include "moekit/core/tensor.h"
 #include "moekit/placement.h"
+#include "moekit/quant/format.h"
 
 namespace moekit {
 
@@ -35,20 +36,31 @@ std::string_view name(ActivationFormat f);
 enum class TopKWeightApplied { kNone, kWeighted, kWeightedAndReduced };
 std::string_view name(TopKWeightApplied w);
 
-// Typed activation scale (contract 4). kTensor: scale is [1] fp32; kToken: [M'] fp32;
-// kBlock: [M', ceil(H / group)] fp32. Quantized formats fill these; bf16/fp32 use kNone.
-enum class ScaleKind { kNone, kTensor, kToken, kBlock };
+// Typed activation scale (contract 4, ScaleKind in quant/format.h). kTensor: scale is [1] fp32;
+// kToken: [M'] fp32; kBlock: [M', ceil(H / group)] fp32 or ue8m0. Quantized formats fill these;
+// float activations use kNone.
 struct ActivationScale {
   ScaleKind kind = ScaleKind::kNone;
   int64_t group = 0;  // kBlock only
   TensorView scale;
 };
 
-// What the experts want a1 to be; prepare converts or quantizes x into it.
+// What the experts want a1 to be; prepare converts or quantizes x into it. Dynamic scales are
+// computed from the rows (amax / largest code); a static one (kTensor only) is given: [1] fp32,
+// host or device memory like x, valid for the experts' lifetime.
 struct ActivationSpec {
   DType dtype = DType::kBF16;
   ScaleKind scale = ScaleKind::kNone;
-  int64_t group = 0;
+  int64_t group = 0;                    // kBlock
+  DType scale_dtype = DType::kF32;      // kBlock may use kUE8M0
+  TensorView static_scale;              // absent: dynamic
+  // The spec a scheme's experts ask for (static_scale left absent: the experts fill it).
+  static ActivationSpec of(const QuantScheme& scheme);
+};
+
+// Scales of one quantized weight tensor, laid out as quant/format.h says (absent: unused).
+struct WeightScales {
+  TensorView scale, zero, global;
 };
 
 // Weights of the experts one Experts object computes: LOCAL experts, slot e = local id e.
@@ -56,14 +68,19 @@ struct ActivationSpec {
 // where local slot e lives at index (*source)[e] of dim 0 (no source: identity, n = E_local).
 // `source` lets a rank view its experts inside a global [E, ...] tensor without copying; a rank
 // may hold no expert at all (source present and empty). Use num_local() and index(), not n.
+// Quantized weights set `quant` and the scales s13/s2 of its format (biases stay float); without
+// `quant` the weights are float and their dtype is the format.
 struct ExpertWeights {
   TensorView w13, w2, b13, b2;
   std::optional<std::vector<int32_t>> source;
+  std::optional<QuantScheme> quant;
+  WeightScales s13, s2;
 
   int64_t num_local() const { return source ? int64_t(source->size()) : w13.size(0); }
   int64_t hidden() const { return w13.size(2); }
   int64_t intermediate() const { return w2.size(2); }
   int64_t index(int64_t local) const { return source ? (*source)[local] : local; }
+  QuantScheme scheme() const { return quant ? *quant : QuantScheme{float_format(w13.dtype)}; }
   // Views the experts that `map` places on `rank` inside global weights [E, ...].
   static ExpertWeights local_view(const ExpertWeights& global, const ExpertMap& map, int rank);
 };
@@ -79,7 +96,8 @@ struct MoEProblem {
   int top_k = 0;                  // k
   int64_t tokens = 0;             // rows handled at once (a chunk, or dispatched rows M')
   DType act_dtype = DType::kBF16;     // x and y
-  DType weight_dtype = DType::kBF16;
+  DType weight_dtype = DType::kBF16;  // stored weight element
+  QuantScheme quant;                  // the weights' format
   Activation activation;
   bool has_bias13 = false, has_bias2 = false;
   std::string str() const;
@@ -117,6 +135,7 @@ struct DispatchedBatch {
 struct ExpertsInfo {
   int64_t num_local_experts = 0, hidden = 0, intermediate = 0;
   DType weight_dtype = DType::kBF16;
+  QuantScheme quant;
   Activation activation;
   bool has_bias13 = false, has_bias2 = false;
   static ExpertsInfo of(const ExpertWeights& w, const Activation& act);

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "moekit/core/error.h"
+#include "moekit/quant/encodings.h"
 
 namespace moekit {
 
@@ -62,13 +63,31 @@ uint16_t float_to_f16(float f) {
   return sign | static_cast<uint16_t>(r >> 13);
 }
 
+int64_t element_bytes(DType t) {
+  MOEKIT_CHECK(!is_packed(t), "element_bytes: ", name(t),
+               " packs two elements per byte (use storage_bytes)");
+  return traits(t).bits / 8;
+}
+
 float load_as_float(const void* p, DType t, int64_t i) {
+  const auto* b = static_cast<const uint8_t*>(p);
   switch (t) {
     case DType::kF32: return static_cast<const float*>(p)[i];
     case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
     case DType::kF16: return f16_to_float(static_cast<const uint16_t*>(p)[i]);
-    default: MOEKIT_FAIL("load_as_float: dtype ", name(t), " is not a float type");
+    case DType::kI32: return static_cast<float>(static_cast<const int32_t*>(p)[i]);
+    case DType::kI64: return static_cast<float>(static_cast<const int64_t*>(p)[i]);
+    case DType::kU8: return b[i];
+    case DType::kI8: return static_cast<const int8_t*>(p)[i];
+    case DType::kF8E4M3: return decode(MiniFloat::kE4M3, b[i]);
+    case DType::kF8E5M2: return decode(MiniFloat::kE5M2, b[i]);
+    case DType::kUE8M0: return decode_ue8m0(b[i]);
+    case DType::kI4: return unpack_int4(b[i / 2], int(i % 2));
+    case DType::kU4: return unpack_uint4(b[i / 2], int(i % 2));
+    case DType::kF4E2M1: return decode(MiniFloat::kE2M1, uint8_t(unpack_uint4(b[i / 2], int(i % 2))));
+    case DType::kCount: break;
   }
+  MOEKIT_FAIL("load_as_float: dtype ", name(t), " has no value");
 }
 
 void store_from_float(void* p, DType t, int64_t i, float v) {

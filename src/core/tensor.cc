@@ -49,7 +49,7 @@ TensorView TensorView::slice0(int64_t begin, int64_t end) const {
   MOEKIT_CHECK(ndim >= 1 && 0 <= begin && begin <= end && end <= shape[0], "slice0 [", begin, ", ",
                end, ") out of range for ", str());
   TensorView v = *this;
-  v.data = static_cast<char*>(data) + begin * stride[0] * element_bytes(dtype);
+  v.data = static_cast<char*>(data) + byte_offset(begin * stride[0]);
   v.shape[0] = end - begin;
   return v;
 }
@@ -60,6 +60,12 @@ TensorView TensorView::reshaped(std::initializer_list<int64_t> new_shape) const 
   MOEKIT_CHECK(v.numel() == numel(), "reshaped: ", str(), " has ", numel(), " elements, not ",
                v.numel());
   return v;
+}
+
+int64_t TensorView::byte_offset(int64_t elements) const {
+  MOEKIT_CHECK(!is_packed(dtype) || elements % 2 == 0, "byte_offset: element ", elements, " of ",
+               str(), " starts inside a byte (packed types address whole bytes)");
+  return storage_bytes(dtype, elements);
 }
 
 std::string TensorView::str() const {
@@ -77,7 +83,7 @@ bool TensorView::overlaps(const TensorView& o) const {
     int64_t last = 0;
     for (int d = 0; d < t.ndim; ++d) last += (t.shape[d] - 1) * t.stride[d];
     const auto* b = static_cast<const char*>(t.data);
-    return std::pair{b, b + (last + 1) * element_bytes(t.dtype)};
+    return std::pair{b, b + storage_bytes(t.dtype, last + 1)};
   };
   auto [a0, a1] = span(*this);
   auto [b0, b1] = span(o);

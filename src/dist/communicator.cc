@@ -63,7 +63,7 @@ std::string LayerSignature::str() const {
   std::ostringstream os;
   os << "E=" << num_experts << " H=" << hidden << " I=" << intermediate << " k=" << top_k
      << " act_dtype=" << act_dtype << " weight_dtype=" << weight_dtype << " activation#" << std::hex
-     << activation_hash << " placement#" << placement_fingerprint;
+     << activation_hash << " format#" << format_hash << " placement#" << placement_fingerprint;
   return os.str();
 }
 
@@ -83,6 +83,7 @@ void check_consistent(Communicator& comm, const LayerSignature& mine) {
     cmp("activation dtype", a.act_dtype, b.act_dtype);
     cmp("weight dtype / format", a.weight_dtype, b.weight_dtype);
     cmp("activation", a.activation_hash, b.activation_hash);
+    cmp("format", a.format_hash, b.format_hash);
     cmp("placement", a.placement_fingerprint, b.placement_fingerprint);
     if (!fields.empty())
       bad << "\n  rank " << r << " differs from rank 0 in " << fields << " (rank 0: " << a.str()

@@ -29,6 +29,7 @@ std::optional<std::string> EpPrepareFinalize::can_implement(const MoEProblem& p)
   sig.top_k = p.top_k;
   sig.act_dtype = static_cast<int64_t>(p.act_dtype);
   sig.weight_dtype = static_cast<int64_t>(p.weight_dtype);
+  sig.format_hash = std::hash<std::string>{}(p.quant.str());
   sig.activation_hash =
       std::hash<std::string>{}(p.activation.str() + "/" + std::to_string(p.activation.alpha) + "/" +
                                std::to_string(p.activation.limit));

@@ -20,6 +20,7 @@ MoEProblem make_problem(const PrepareFinalize& pf, const Experts& ex, const Kern
   p.tokens = c.chunk_tokens;
   p.act_dtype = c.act_dtype;
   p.weight_dtype = i.weight_dtype;
+  p.quant = i.quant;
   p.activation = i.activation;
   p.has_bias13 = i.has_bias13;
   p.has_bias2 = i.has_bias2;

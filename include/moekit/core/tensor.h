@@ -31,7 +31,7 @@ struct TensorView {
   Device device{};
   int ndim = 0;
   std::array<int64_t, kMaxDims> shape{};
-  std::array<int64_t, kMaxDims> stride{};  // in elements
+  std::array<int64_t, kMaxDims> stride{};  // in elements (packed 4-bit types: even, but the last)
 
   TensorView() = default;
   // Contiguous (row-major) view.
@@ -41,7 +41,10 @@ struct TensorView {
   bool present() const { return ndim > 0; }
   int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   int64_t numel() const;
-  int64_t nbytes() const { return numel() * element_bytes(dtype); }
+  int64_t nbytes() const { return storage_bytes(dtype, numel()); }
+  // Bytes from data to element `elements` (an offset in elements); for packed 4-bit types the
+  // offset must be even (throws otherwise).
+  int64_t byte_offset(int64_t elements) const;
   bool is_contiguous() const;
   // Row r of a view whose last dimension is contiguous.
   template <typename T>

@@ -91,6 +91,7 @@ struct LayerSignature {
   int64_t num_experts = 0, hidden = 0, intermediate = 0, top_k = 0;
   int64_t act_dtype = 0, weight_dtype = 0;
   uint64_t activation_hash = 0;
+  uint64_t format_hash = 0;  // of the weights' QuantScheme::str()
   uint64_t placement_fingerprint = 0;
   std::string str() const;
 };
