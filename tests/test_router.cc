@@ -62,8 +62,8 @@ Routed run(const RouterConfig& c, std::vector<float> logits, const std::vector<f
 double sigmoid_d(double x) {
   return 1.0 / (1.0 + std::exp(-x));
 }
-float sigmoid_f(float x) {
-  return 1.0f / (1.0f + std::exp(-x));
+float sigmoid_f(float x) {  // the routers' own choice scores (bit-identical on CPU and CUDA)
+  return routing_sigmoid(x);
 }
 
 void expect_weights_near(const std::vector<float>& got, const std::vector<double>& want) {
@@ -546,11 +546,11 @@ const std::vector<BadCase>& bad_cases() {
       {"logits null", [](Args& a) { a.logits_view.data = nullptr; }, "null data"},
       {"logits last dim strided", [](Args& a) { a.logits_view.stride[1] = 2; }, "contiguous"},
       {"logits rows overlap", [](Args& a) { a.logits_view.stride[0] = 4; }, "route: logits"},
-      {"logits on cuda",
+      {"ids on another device than the logits",
        [](Args& a) {
-         a.logits_view.device = {DeviceType::kCUDA, 0};
+         a.ids_view.device = {DeviceType::kCUDA, 0};
        },
-       "host memory"},
+       "route: topk_ids: expected on cpu like the logits"},
       {"bias missing", [](Args& a) { a.bias_view = TensorView{}; }, "correction_bias"},
       {"bias wrong shape", [](Args& a) { a.bias_view.shape[0] = 4; }, "correction_bias"},
       {"bias bf16", [](Args& a) { a.bias_view.dtype = DType::kBF16; }, "correction_bias"},
@@ -594,6 +594,22 @@ TEST(RouterBadInput, ThrowsNamingTheArgumentAndWritesNothing) {
     EXPECT_EQ(a.weights, std::vector<float>(Args::M * Args::k, kWeightSentinel)) << bad.what;
     EXPECT_EQ(a.logits, std::vector<float>(Args::M * Args::E, 0.5f)) << bad.what;
   }
+}
+
+// The routers' sigmoid is their own (bit-identical on CPU and CUDA): within one float rounding
+// of the true value over the range where it is not 0 or 1, and exact at the ends.
+TEST(RouterSigmoid, WithinOneRoundingOfTheTrueValue) {
+  for (double x = -110.0; x <= 40.0; x += 0.0137) {
+    const float xf = static_cast<float>(x);
+    const double exact = 1.0 / (1.0 + std::exp(-double(xf)));  // double: far finer than float
+    const float got = routing_sigmoid(xf);
+    EXPECT_LE(std::abs(got - exact), std::nextafter(float(exact), 2.0f) - float(exact)) << x;
+  }
+  EXPECT_EQ(routing_sigmoid(0.0f), 0.5f);
+  EXPECT_EQ(routing_sigmoid(kInf), 1.0f);
+  EXPECT_EQ(routing_sigmoid(-kInf), 0.0f);
+  EXPECT_EQ(routing_sigmoid(-800.0f), 0.0f);
+  EXPECT_TRUE(std::isnan(routing_sigmoid(kNaN)));
 }
 
 }  // namespace

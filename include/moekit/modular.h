@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moekit/activation.h"
+#include "moekit/core/exec.h"
 #include "moekit/core/tensor.h"
 #include "moekit/placement.h"
 #include "moekit/quant/format.h"
@@ -116,10 +117,6 @@ class Workspace {
  private:
   std::byte* base_ = nullptr;
   size_t bytes_ = 0, used_ = 0;
-};
-
-struct ExecContext {
-  void* stream = nullptr;  // cudaStream_t on CUDA; unused on CPU
 };
 
 struct DispatchedBatch {

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "moekit/core/exec.h"
 #include "moekit/core/tensor.h"
 
 namespace moekit {
@@ -51,7 +52,17 @@ RoutingMethod parse_routing_method(std::string_view s);  // "softmax_topk", "top
 // correction_bias: [E] fp32, required for kSigmoidGroupedTopK, absent (ndim 0) otherwise.
 // topk_ids: [M, k] int32 out, topk_weights: [M, k] fp32 out; ids in each row are ordered by
 // rank (best first). Throws moekit::Error on bad input before writing anything.
+// All tensors on one device: host memory runs the CPU router; CUDA memory (a CUDA build) runs
+// the CUDA router on ctx.stream without synchronizing (CUDA-graph capturable), choosing the same
+// ids as the CPU bit for bit (weights agree to float rounding). The CUDA router takes E <= 1024
+// and, for grouped top-k, n_group <= 32; it does not check the bias values (that would need a
+// host synchronization): a NaN bias ranks its expert last.
 void route(const RouterConfig& config, const TensorView& logits, const TensorView& correction_bias,
-           const TensorView& topk_ids, const TensorView& topk_weights);
+           const TensorView& topk_ids, const TensorView& topk_weights,
+           const ExecContext& ctx = {});
+
+// The sigmoid the routers use (choice scores and weights): the same bits on the CPU and on CUDA
+// devices, within one float rounding of the true value.
+float routing_sigmoid(float x);
 
 }  // namespace moekit

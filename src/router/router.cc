@@ -22,6 +22,10 @@
 #include <vector>
 
 #include "moekit/core/error.h"
+#include "router/sigmoid.h"
+#ifdef MOEKIT_HAS_CUDA
+#include "cuda/router.h"
+#endif
 
 namespace moekit {
 namespace {
@@ -106,9 +110,7 @@ class Softmax {
   double denom_ = 0.0;
 };
 
-inline float sigmoid(float x) {
-  return 1.0f / (1.0f + std::exp(-x));
-}
+inline float sigmoid(float x) { return detail::routing_sigmoid_impl(x); }
 
 void renormalize(std::span<float> w) {
   double sum = 0.0;
@@ -207,12 +209,13 @@ class RowRouter {
   std::vector<int32_t> kept_groups_;  // [topk_group]
 };
 
-// [rows, cols], last dim contiguous, rows not overlapping, host memory, data unless empty.
-void check_matrix(const TensorView& t, int64_t rows, int64_t cols, const char* what) {
+// [rows, cols], last dim contiguous, rows not overlapping, on `device`, data unless empty.
+void check_matrix(const TensorView& t, int64_t rows, int64_t cols, const Device& device,
+                  const char* what) {
   check_shape(t, {rows, cols}, what);
   check_row_major(t, what);
   check_data(t, what);
-  MOEKIT_CHECK(t.device.type == DeviceType::kCPU, what, ": the CPU router needs host memory, got ",
+  MOEKIT_CHECK(t.device == device, what, ": expected on ", device.str(), " like the logits, got ",
                t.str());
 }
 
@@ -228,7 +231,16 @@ void check_route_args(const RouterConfig& config, const TensorView& logits, cons
                "route: logits: expected dtype fp32 or bf16, got ", logits.str());
   const int64_t M = logits.size(0);
   MOEKIT_CHECK(M >= 0, "route: logits: negative row count in ", logits.str());
-  check_matrix(logits, M, E, "route: logits");
+  const Device device = logits.device;
+#ifdef MOEKIT_HAS_CUDA
+  if (device.type == DeviceType::kCUDA)
+    if (auto why = cuda::route_unsupported(config))
+      MOEKIT_FAIL("route: the CUDA router cannot run ", config.str(), ": ", *why);
+#else
+  MOEKIT_CHECK(device.type == DeviceType::kCPU, "route: logits on ", device.str(),
+               " but moekit was built without CUDA");
+#endif
+  check_matrix(logits, M, E, device, "route: logits");
 
   if (config.method == RoutingMethod::kSigmoidGroupedTopK) {
     MOEKIT_CHECK(bias.present(), "route: correction_bias [", E, "] fp32 is required by ",
@@ -237,10 +249,11 @@ void check_route_args(const RouterConfig& config, const TensorView& logits, cons
     check_dtype(bias, DType::kF32, "route: correction_bias");
     check_row_major(bias, "route: correction_bias");
     check_data(bias, "route: correction_bias");
-    MOEKIT_CHECK(bias.device.type == DeviceType::kCPU,
-                 "route: correction_bias: the CPU router needs host memory, got ", bias.str());
+    MOEKIT_CHECK(bias.device == device, "route: correction_bias: expected on ", device.str(),
+                 " like the logits, got ", bias.str());
+    // Values are checked on the host only: reading device memory would synchronize.
     const float* b = bias.ptr<const float>();
-    for (int64_t e = 0; e < E; ++e)
+    for (int64_t e = 0; device.type == DeviceType::kCPU && e < E; ++e)
       MOEKIT_CHECK(std::isfinite(b[e]), "route: correction_bias[", e, "] is ", b[e]);
   } else {
     MOEKIT_CHECK(!bias.present(), "route: correction_bias is only used by ",
@@ -248,9 +261,9 @@ void check_route_args(const RouterConfig& config, const TensorView& logits, cons
                  "; pass an absent view");
   }
 
-  check_matrix(ids, M, k, "route: topk_ids");
+  check_matrix(ids, M, k, device, "route: topk_ids");
   check_dtype(ids, DType::kI32, "route: topk_ids");
-  check_matrix(weights, M, k, "route: topk_weights");
+  check_matrix(weights, M, k, device, "route: topk_weights");
   check_dtype(weights, DType::kF32, "route: topk_weights");
 
   MOEKIT_CHECK(!ids.overlaps(logits), "route: topk_ids overlaps logits");
@@ -312,9 +325,17 @@ RoutingMethod parse_routing_method(std::string_view s) {
   MOEKIT_FAIL("unknown routing method '", s, "' (known: ", known_method_names(), ")");
 }
 
+float routing_sigmoid(float x) { return sigmoid(x); }
+
 void route(const RouterConfig& config, const TensorView& logits, const TensorView& correction_bias,
-           const TensorView& topk_ids, const TensorView& topk_weights) {
+           const TensorView& topk_ids, const TensorView& topk_weights, const ExecContext& ctx) {
   check_route_args(config, logits, correction_bias, topk_ids, topk_weights);
+#ifdef MOEKIT_HAS_CUDA
+  if (logits.device.type == DeviceType::kCUDA)
+    return cuda::route(config, logits, correction_bias, topk_ids, topk_weights, ctx.stream);
+#else
+  (void)ctx;
+#endif
   const bool grouped = config.method == RoutingMethod::kSigmoidGroupedTopK;
   RowRouter route_row(config, grouped ? correction_bias.ptr<const float>() : nullptr);
   std::vector<float> converted(logits.dtype == DType::kBF16 ? config.num_experts : 0);  // [E]
