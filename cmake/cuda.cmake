@@ -80,6 +80,7 @@ if(MOEKIT_NCCL_INCLUDE_DIR AND MOEKIT_NCCL_LIBRARY)
 endif()
 target_sources(moekit PRIVATE $<TARGET_OBJECTS:moekit_cuda>)
 target_compile_definitions(moekit PUBLIC MOEKIT_HAS_CUDA=1)
+target_compile_definitions(moekit_cuda PRIVATE MOEKIT_HAS_CUDA=1)
 # The installed package names the runtime library by path, so that find_package(moekit) needs no
 # find_package(CUDAToolkit) of its own.
 target_link_libraries(moekit PUBLIC $<BUILD_INTERFACE:CUDA::cudart>

@@ -265,6 +265,7 @@ class ModularKernel {
   void forward(const ForwardArgs& args, const ExecContext& ctx = {});
 
   const MoEProblem& problem() const { return problem_; }  // tokens = chunk_tokens
+  const KernelConfig& config() const { return config_; }
   size_t workspace_bytes() const { return workspace_bytes_; }
   const PrepareFinalize& prepare_finalize() const { return *pf_; }
   const Experts& experts() const { return *experts_; }

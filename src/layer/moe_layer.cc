@@ -2,7 +2,8 @@
 #include "moekit/layer.h"
 
 #include <algorithm>
-#include <cstring>
+
+#include "layer/device_ops.h"
 
 namespace moekit {
 
@@ -24,34 +25,63 @@ MoELayer::MoELayer(const MoELayerConfig& config, std::shared_ptr<ModularKernel> 
   if (config_.router.method == RoutingMethod::kSigmoidGroupedTopK) {
     check_shape(correction_bias, {config_.router.num_experts}, "correction_bias");
     check_data(correction_bias, "correction_bias");
-    correction_bias_ = Tensor(DType::kF32, {config_.router.num_experts});
+    MOEKIT_CHECK(correction_bias.device.type == DeviceType::kCPU,
+                 "MoELayer: correction_bias must be in host memory, got ", correction_bias.str());
+    Tensor bias(DType::kF32, {config_.router.num_experts});
     for (int64_t e = 0; e < config_.router.num_experts; ++e)
-      correction_bias_.data<float>()[e] =
+      bias.data<float>()[e] =
           load_as_float(correction_bias.data, correction_bias.dtype, e * correction_bias.stride[0]);
+    correction_bias_ = scratch(DType::kF32, {config_.router.num_experts});
+    layer::upload(bias, correction_bias_);
   } else {
     MOEKIT_CHECK(!correction_bias.present(), "MoELayer: correction_bias given but routing ",
                  name(config_.router.method), " does not use one");
   }
-  ids_ = Tensor(DType::kI32, {chunk, k});
-  weights_ = Tensor(DType::kF32, {chunk, k});
+  ids_ = scratch(DType::kI32, {chunk, k});
+  weights_ = scratch(DType::kF32, {chunk, k});
   if (shared_) {
     const MoEProblem& s = shared_->problem();
     MOEKIT_CHECK(s.num_experts == 1 && s.top_k == 1 && s.hidden == p.hidden &&
                      s.act_dtype == p.act_dtype,
                  "MoELayer: the shared-expert kernel must be E=1, k=1 with the layer's H and "
                  "dtype, got ", s.str());
-    shared_out_ = Tensor(config_.act_dtype, {chunk, p.hidden});
-    shared_ids_ = Tensor::zeros(DType::kI32, {chunk, 1});
-    shared_weights_ = Tensor(DType::kF32, {chunk, 1});
-    std::fill_n(shared_weights_.data<float>(), chunk, 1.0f);
+    MOEKIT_CHECK(shared_->config().device == device(), "MoELayer: the shared-expert kernel runs on ",
+                 shared_->config().device.str(), ", the routed one on ", device().str());
+    shared_out_ = scratch(config_.act_dtype, {chunk, p.hidden});
+    shared_ids_ = scratch(DType::kI32, {chunk, 1});
+    shared_weights_ = scratch(DType::kF32, {chunk, 1});
+    const Tensor zeros = Tensor::zeros(DType::kI32, {chunk, 1});
+    Tensor ones(DType::kF32, {chunk, 1});
+    std::fill_n(ones.data<float>(), chunk, 1.0f);
+    layer::upload(zeros, shared_ids_);
+    layer::upload(ones, shared_weights_);
   }
 }
 
-void MoELayer::forward(const TensorView& x, const TensorView& logits, const TensorView& y) {
+TensorView MoELayer::scratch(DType dtype, std::initializer_list<int64_t> shape) {
+  TensorView v(nullptr, dtype, shape, device());
+  const KernelConfig& c = routed_->config();
+  std::shared_ptr<void> buffer;
+  if (c.allocate_workspace) {
+    buffer = c.allocate_workspace(size_t(v.nbytes()));
+  } else {
+    MOEKIT_CHECK(device().type == DeviceType::kCPU, "MoELayer: a kernel on ", device().str(),
+                 " needs a workspace allocator (KernelConfig::allocate_workspace)");
+    buffer = std::shared_ptr<void>(aligned_alloc_bytes(v.nbytes()), aligned_free_bytes);
+  }
+  v.data = buffer.get();
+  buffers_.push_back(std::move(buffer));
+  return v;
+}
+
+void MoELayer::forward(const TensorView& x, const TensorView& logits, const TensorView& y,
+                       const ExecContext& ctx) {
   MOEKIT_CHECK(x.ndim == 2, "x: expected [M, H=", config_.hidden, "], got ", x.str());
   const int64_t M = x.size(0);
   check_shape(logits, {M, config_.router.num_experts}, "router_logits");
   check_shape(y, {M, config_.hidden}, "y");
+  MOEKIT_CHECK(logits.device == device(), "router_logits: expected on ", device().str(), ", got ",
+               logits.str());
   // Chunks are checked one by one below; an overlap across chunks must be caught here, before
   // the first chunk writes y.
   MOEKIT_CHECK(!y.overlaps(x), "y overlaps x (in-place is not supported)");
@@ -59,38 +89,32 @@ void MoELayer::forward(const TensorView& x, const TensorView& logits, const Tens
   const int64_t chunk = config_.chunk_tokens;
   for (int64_t begin = 0; begin < M; begin += chunk) {
     const int64_t end = std::min(M, begin + chunk);
-    const TensorView ids = ids_.view().slice0(0, end - begin);
-    const TensorView w = weights_.view().slice0(0, end - begin);
-    route(config_.router, logits.slice0(begin, end),
-          correction_bias_.numel() ? correction_bias_.view() : TensorView{}, ids, w);
-    run(x.slice0(begin, end), ids, w, y.slice0(begin, end), begin);
+    const TensorView ids = ids_.slice0(0, end - begin);
+    const TensorView w = weights_.slice0(0, end - begin);
+    route(config_.router, logits.slice0(begin, end), correction_bias_, ids, w, ctx);
+    run(x.slice0(begin, end), ids, w, y.slice0(begin, end), begin, ctx);
   }
 }
 
 void MoELayer::forward_routed(const TensorView& x, const TensorView& topk_ids,
-                              const TensorView& topk_weights, const TensorView& y) {
-  run(x, topk_ids, topk_weights, y, 0);
+                              const TensorView& topk_weights, const TensorView& y,
+                              const ExecContext& ctx) {
+  run(x, topk_ids, topk_weights, y, 0, ctx);
 }
 
 void MoELayer::run(const TensorView& x, const TensorView& ids, const TensorView& w,
-                   const TensorView& y, int64_t token_key_offset) {
-  routed_->forward({x, ids, w, y, config_.weight_on_input(), token_key_offset});
+                   const TensorView& y, int64_t token_key_offset, const ExecContext& ctx) {
+  routed_->forward({x, ids, w, y, config_.weight_on_input(), token_key_offset}, ctx);
   if (!shared_) return;
   // y += shared(x): the shared expert sees every token with weight 1.
-  const int64_t M = x.size(0), H = config_.hidden, chunk = config_.chunk_tokens;
+  const int64_t M = x.size(0), chunk = config_.chunk_tokens;
   for (int64_t begin = 0; begin < M; begin += chunk) {
     const int64_t n = std::min(M, begin + chunk) - begin;
-    const TensorView out = shared_out_.view().slice0(0, n);
-    shared_->forward({x.slice0(begin, begin + n), shared_ids_.view().slice0(0, n),
-                      shared_weights_.view().slice0(0, n), out, false, 0});
-    const TensorView yc = y.slice0(begin, begin + n);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t i = t * yc.stride[0] + h;
-        store_from_float(yc.data, yc.dtype, i,
-                         load_as_float(yc.data, yc.dtype, i) +
-                             load_as_float(out.data, out.dtype, t * H + h));
-      }
+    const TensorView out = shared_out_.slice0(0, n);
+    shared_->forward({x.slice0(begin, begin + n), shared_ids_.slice0(0, n),
+                      shared_weights_.slice0(0, n), out, false, 0},
+                     ctx);
+    layer::add_rows(y.slice0(begin, begin + n), out, ctx);
   }
 }
 

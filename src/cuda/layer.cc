@@ -1,0 +1,40 @@
+// make_cuda_layer: the CUDA parts of the modular kernel assembled into a MoELayer.
+#include "moekit/cuda.h"
+#include "moekit/layer.h"
+
+namespace moekit {
+
+std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
+                                          const ExpertWeights& routed_weights,
+                                          const ExpertWeights* shared_weights,
+                                          const TensorView& correction_bias,
+                                          const CudaLayerOptions& options) {
+  if (auto r = config.router.validate()) MOEKIT_FAIL("make_cuda_layer: router: ", *r);
+  const ExpertMap map =
+      options.map ? *options.map : ExpertMap::linear(config.router.num_experts, 1);
+  MOEKIT_CHECK(map.num_experts() == config.router.num_experts, "make_cuda_layer: expert map ",
+               map.str(), " does not have the router's E=", config.router.num_experts);
+  const Device device = routed_weights.w13.device;
+  MOEKIT_CHECK(device.type == DeviceType::kCUDA, "make_cuda_layer: routed weights must be on a "
+               "CUDA device, got ", routed_weights.w13.str());
+  const KernelConfig kernel{config.router.top_k, config.act_dtype, config.chunk_tokens, device,
+                            cuda_workspace_allocator(device.id)};
+  const ExpertWeights local = ExpertWeights::local_view(routed_weights, map, options.rank);
+  auto wr = make_cuda_weight_and_reduce();
+  auto routed = std::make_shared<ModularKernel>(
+      make_cuda_prepare_finalize(map, options.rank),
+      make_cuda_experts(local, config.activation, options.max_small_tokens), wr, kernel);
+  std::shared_ptr<ModularKernel> shared;
+  if (shared_weights) {
+    MOEKIT_CHECK(shared_weights->num_local() == 1, "make_cuda_layer: shared weights hold ",
+                 shared_weights->num_local(), " experts; fuse shared experts into one");
+    KernelConfig one = kernel;
+    one.top_k = 1;
+    shared = std::make_shared<ModularKernel>(
+        make_cuda_prepare_finalize(ExpertMap::linear(1, 1), 0),
+        make_cuda_experts(*shared_weights, config.activation, options.max_small_tokens), wr, one);
+  }
+  return std::make_unique<MoELayer>(config, std::move(routed), std::move(shared), correction_bias);
+}
+
+}  // namespace moekit
