@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "moekit/activation.h"
 #include "moekit/core/dlpack.h"
@@ -53,6 +54,88 @@ TEST(DType, F16RoundTripAndRounding) {
   for (uint32_t h = 0; h < 0x7c00; ++h) {  // every finite positive f16 survives the round trip
     ASSERT_EQ(float_to_f16(f16_to_float(static_cast<uint16_t>(h))), h) << h;
   }
+}
+
+// load_as_float of every quantized dtype: codes as their unscaled values (packed types: element
+// 2i in the low nibble), ue8m0 as its power of two.
+TEST(DType, LoadAsFloatReadsQuantizedTypes) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const struct {
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    std::vector<float> values;
+  } cases[] = {
+      {DType::kF8E4M3, {0x38, 0xFE, 0x01, 0x7F}, {1.0f, -448.0f, std::ldexp(1.0f, -9), nan}},
+      {DType::kF8E5M2, {0x3C, 0x7B, 0x7C, 0xFC}, {1.0f, 57344.0f, inf, -inf}},
+      {DType::kUE8M0, {127, 130, 0, 0xFF}, {1.0f, 8.0f, std::ldexp(1.0f, -127), nan}},
+      {DType::kI8, {0x80, 0x7F, 0xFB}, {-128.0f, 127.0f, -5.0f}},
+      {DType::kU8, {0, 200, 255}, {0.0f, 200.0f, 255.0f}},
+      {DType::kI4, {0x9A, 0x70, 0x0F}, {-6.0f, -7.0f, 0.0f, 7.0f, -1.0f, 0.0f}},
+      {DType::kU4, {0x9A, 0x70, 0x0F}, {10.0f, 9.0f, 0.0f, 7.0f, 15.0f, 0.0f}},
+      {DType::kF4E2M1, {0x9A, 0x70, 0x0F}, {-1.0f, -0.5f, 0.0f, 6.0f, -6.0f, 0.0f}},
+  };
+  for (const auto& c : cases)
+    for (size_t i = 0; i < c.values.size(); ++i) {
+      const float got = load_as_float(c.bytes.data(), c.dtype, int64_t(i));
+      if (std::isnan(c.values[i]))
+        EXPECT_TRUE(std::isnan(got)) << name(c.dtype) << " element " << i;
+      else
+        EXPECT_EQ(got, c.values[i]) << name(c.dtype) << " element " << i;
+    }
+  uint8_t code = 0;
+  EXPECT_THROW(store_from_float(&code, DType::kF8E4M3, 0, 1.0f), Error);  // floats only
+  EXPECT_EQ(code, 0);
+}
+
+// Packed 4-bit types: bits-based sizes, no element size, and byte offsets only on even elements.
+TEST(DType, PackedTypesHaveStorageBytesNotElementBytes) {
+  for (const DTypeTraits& t : kDTypeTraits) EXPECT_EQ(is_packed(t.dtype), t.bits == 4) << t.name;
+  for (DType t : {DType::kI4, DType::kU4, DType::kF4E2M1}) {
+    EXPECT_TRUE(is_packed(t));
+    EXPECT_EQ(storage_bytes(t, 0), 0);
+    EXPECT_EQ(storage_bytes(t, 1), 1);
+    EXPECT_EQ(storage_bytes(t, 2), 1);
+    EXPECT_EQ(storage_bytes(t, 7), 4);
+    try {
+      element_bytes(t);
+      ADD_FAILURE() << name(t) << ": no throw";
+    } catch (const Error& e) {
+      EXPECT_NE(e.message().find("storage_bytes"), std::string::npos) << e.message();
+    }
+  }
+  for (DType t : {DType::kF8E4M3, DType::kF8E5M2, DType::kUE8M0, DType::kI8, DType::kU8}) {
+    EXPECT_FALSE(is_packed(t));
+    EXPECT_EQ(element_bytes(t), 1);
+    EXPECT_EQ(storage_bytes(t, 7), 7);
+  }
+  EXPECT_EQ(storage_bytes(DType::kF32, 3), 12);
+}
+
+TEST(TensorView, PackedViewsAddressWholeBytes) {
+  Tensor t(DType::kI4, {3, 6});
+  const TensorView& v = t.view();
+  EXPECT_EQ(v.nbytes(), 9);
+  EXPECT_EQ(v.byte_offset(6), 3);
+  EXPECT_EQ(v.byte_offset(0), 0);
+  try {
+    v.byte_offset(5);
+    ADD_FAILURE() << "odd offset: no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("inside a byte"), std::string::npos) << e.message();
+  }
+  const TensorView rows = v.slice0(1, 3);
+  EXPECT_EQ(static_cast<char*>(rows.data), t.data<char>() + 3);
+  EXPECT_EQ(rows.nbytes(), 6);
+  EXPECT_FALSE(v.slice0(0, 1).overlaps(v.slice0(1, 2)));
+  EXPECT_TRUE(v.slice0(0, 2).overlaps(v.slice0(1, 2)));
+  // Rows of 5 nibbles: row 1 starts inside byte 2, so it cannot be sliced out.
+  Tensor odd(DType::kF4E2M1, {3, 5});
+  EXPECT_EQ(odd.view().nbytes(), 8);
+  EXPECT_THROW(odd.view().slice0(1, 2), Error);
+  EXPECT_EQ(odd.view().slice0(2, 3).data, odd.data<char>() + 5);
+  Tensor f8(DType::kF8E4M3, {2, 3});
+  EXPECT_EQ(f8.view().nbytes(), 6);
+  EXPECT_EQ(f8.view().byte_offset(5), 5);
 }
 
 TEST(TensorView, ShapesSlicesAndOverlap) {
@@ -110,10 +193,40 @@ TEST(DLPack, RoundTripKeepsLayout) {
   back = from_dlpack(d);
   EXPECT_EQ(back.stride[0], 5);
   EXPECT_EQ(static_cast<char*>(back.data), static_cast<char*>(v.data) + 4);
-  d.dtype = {2, 8, 1};  // fp8 has no moekit dtype yet
+  d.dtype = {2, 8, 1};  // an 8-bit kDLFloat: DLPack's fp8 types have codes of their own
   EXPECT_THROW(from_dlpack(d), Error);
   d.dtype = {2, 32, 4};  // vector lanes
   EXPECT_THROW(from_dlpack(d), Error);
+}
+
+// Quantized dtypes keep their DLPack 1.1 codes and bits both ways (fp8 e4m3 as
+// kDLFloat8_e4m3fn, packed 4-bit types with bits 4), with shapes and strides in elements.
+TEST(DLPack, QuantizedDtypesRoundTrip) {
+  const struct {
+    DType dtype;
+    uint8_t code, bits;
+  } cases[] = {{DType::kF8E4M3, 10, 8}, {DType::kF8E5M2, 12, 8}, {DType::kUE8M0, 14, 8},
+               {DType::kI8, 0, 8},      {DType::kU8, 1, 8},      {DType::kI4, 0, 4},
+               {DType::kU4, 1, 4},      {DType::kF4E2M1, 17, 4}};
+  for (const auto& c : cases) {
+    Tensor t(c.dtype, {3, 6});
+    TensorView v = t.view().slice0(1, 3);
+    DLTensor d = to_dlpack(v);
+    EXPECT_EQ(d.dtype.code, c.code) << name(c.dtype);
+    EXPECT_EQ(d.dtype.bits, c.bits) << name(c.dtype);
+    const TensorView back = from_dlpack(d);
+    EXPECT_EQ(back.dtype, c.dtype);
+    EXPECT_EQ(back.data, v.data);
+    EXPECT_EQ(back.shape, v.shape);
+    EXPECT_EQ(back.stride, v.stride);
+  }
+  // The bytes of an fp8 tensor read back through the view from_dlpack gives.
+  Tensor t(DType::kF8E4M3, {1, 2});
+  t.data<uint8_t>()[0] = 0x38, t.data<uint8_t>()[1] = 0xC0;  // 1, -2
+  TensorView v = t.view();
+  const TensorView back = from_dlpack(to_dlpack(v));
+  EXPECT_EQ(load_as_float(back.data, back.dtype, 0), 1.0f);
+  EXPECT_EQ(load_as_float(back.data, back.dtype, 1), -2.0f);
 }
 
 TEST(Activation, NamesRoundTrip) {
