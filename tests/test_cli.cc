@@ -124,7 +124,7 @@ TEST(Cli, BenchOracleCoversEveryPresetFeature) {
   const TempFile json("moekit_test_cli_features");
   const RunResult r = run_cli(
       "bench --preset deepseek-v3,gpt-oss-20b,llama4-scout -E 16 -H 48 -I 24 --tokens 5 "
-      "--dtype fp32 --reps 1 --json " +
+      "--format fp32 --reps 1 --json " +
       json.str());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const nlohmann::json doc = json.read();
@@ -133,6 +133,21 @@ TEST(Cli, BenchOracleCoversEveryPresetFeature) {
   EXPECT_EQ(doc["rows"][0]["shared_experts"], 1);
   EXPECT_EQ(doc["rows"][1]["has_bias"], true);
   EXPECT_EQ(doc["rows"][2]["k"], 1);
+}
+
+// A quantized format: the JSON names it, the roofline counts its bytes (int4 codes plus a bf16
+// scale per 64 weights: 0.53 bytes a weight), and the oracle check passes at the format's error.
+TEST(Cli, BenchRunsAQuantizedFormat) {
+  const TempFile json("moekit_test_cli_w4a16");
+  const RunResult r = run_cli(
+      "bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format w4a16:g64 --reps 1 --json " +
+      json.str());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json doc = json.read();
+  expect_bench_json(doc, 0.05);  // the oracle dequantizes the same int4 weights
+  ASSERT_EQ(doc["rows"].size(), 2u);
+  EXPECT_EQ(doc["rows"][0]["format"], "w4a16:g64");
+  EXPECT_NEAR(doc["rows"][0]["bytes_per_weight"].get<double>(), 0.5 + 2.0 / 64, 1e-6);
 }
 
 TEST(Cli, CheckPassesOnATinyShape) {
@@ -152,7 +167,7 @@ TEST(Cli, BadArgumentsFailWithAMessage) {
       {"bench --tokens 1,,2" + shape, "--tokens"},
       {"bench --tokens abc" + shape, "--tokens"},
       {"bench -E 8 -H 64 -I 32 -k 9", "9"},
-      {"bench --dtype int8" + shape, "--dtype"},
+      {"bench --format int9" + shape, "--format"},
       {"bench --isa sse9" + shape, "--isa"},
       {"bench -E 8 -H 64", "-k"},  // an incomplete explicit shape
       {"check --preset no-such-model", "qwen3-30b-a3b"},

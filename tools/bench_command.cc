@@ -3,6 +3,7 @@
 #include <iostream>
 #include <optional>
 
+#include "bench_cuda.h"
 #include "bench_ep.h"
 #include "bench_plan.h"
 #include "bench_row.h"
@@ -12,40 +13,53 @@
 namespace moekit::cli {
 namespace {
 
+BenchMachine measure_cpu_machine(const CpuExpertsConfig& cpu, const CacheFlusher& flusher) {
+  return {cpu_model_name(),
+          "cpu",
+          cpu.num_threads,
+          cpu.isa,
+          measure_ceilings(cpu.isa, cpu.num_threads),
+          last_level_cache_bytes(),
+          flusher.bytes()};
+}
+
 int run_bench(const BenchOptions& o, const std::string& command_line) {
   const BenchPlan plan = resolve_bench_plan(o);
   const CpuExpertsConfig cpu{resolve_threads(o.threads), plan.isa};
   std::optional<BenchJsonFile> json;
   if (!o.json.empty()) json.emplace(o.json, command_line);
 
-  CacheFlusher flusher(cpu.num_threads);
+  // The host flush buffer is for CPU rows; the GPU rows flush the card's L2 (bench_cuda.h).
+  std::optional<CacheFlusher> flusher;
+  if (!plan.cuda) flusher.emplace(cpu.num_threads);
   for (const LayerSpec& spec : plan.specs)
-    check_memory(spec, plan.dtype, plan.max_tokens(), flusher.bytes(), 1);
-  std::cerr << "measuring this machine's ceilings (DRAM read, SIMD peak)...\n";
-  const BenchMachine machine{cpu_model_name(),
-                             cpu.num_threads,
-                             cpu.isa,
-                             measure_ceilings(cpu.isa, cpu.num_threads),
-                             last_level_cache_bytes(),
-                             flusher.bytes()};
+    check_memory(spec, plan.format, plan.max_tokens(), flusher ? flusher->bytes() : 0, 1);
+  std::cerr << "measuring this machine's ceilings ("
+            << (plan.cuda ? "device copy, cuBLAS GEMM" : "DRAM read, SIMD peak") << ")...\n";
+  const BenchMachine machine = plan.cuda ? measure_cuda_machine() : measure_cpu_machine(cpu, *flusher);
   if (json) json->set_machine(machine);
   print_machine(std::cout, machine);
   print_table_header(std::cout, false);
 
-  const RowSettings settings{plan.dtype, cpu.num_threads, o.seed, o.reps, o.err_tokens, &flusher};
+  const RowSettings settings{plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens,
+                             flusher ? &*flusher : nullptr};
   const size_t total = plan.specs.size() * plan.token_counts.size();
   size_t step = 0;
   for (const LayerSpec& spec : plan.specs) {
-    log_generating(spec, plan.dtype, spec.total_weight_bytes(plan.dtype), "");
-    BenchLayer layer = make_bench_layer(spec, {plan.dtype, cpu, o.seed, std::nullopt});
+    log_generating(spec, plan.format, spec.total_weight_bytes(plan.format), "");
+    BenchLayer layer =
+        make_bench_layer(spec, {plan.format, cpu, o.seed, std::nullopt, plan.cuda});
     log_generated(spec, layer);
     for (int64_t tokens : plan.token_counts) {
       std::cerr << "[" << ++step << "/" << total << "] " << spec.preset << " tokens=" << tokens
                 << " ...\n";
-      const RowRun run = run_layer_row(settings, spec, layer, tokens);
-      const RowCost cost = row_cost(spec, plan.dtype, expert_loads(run.ids, spec.num_experts),
+      const RowRun run = plan.cuda ? run_cuda_row(settings, spec, layer, tokens)
+                                   : run_layer_row(settings, spec, layer, tokens);
+      const RowCost cost = row_cost(spec, plan.format, expert_loads(run.ids, spec.num_experts),
                                     tokens, machine.ceilings);
-      const BenchRow row = measured_row(spec, plan.dtype, tokens, layer, run, cost);
+      BenchRow row = measured_row(spec, plan.format, tokens, layer, run, cost);
+      row.device = machine.kind;
+      row.graph = plan.cuda;
       print_table_row(std::cout, row);
       std::cout.flush();
       if (json) json->add(row);
@@ -62,13 +76,22 @@ Command add_bench_command(CLI::App& app, std::string command_line) {
       "bench",
       "Time the MoE layer on random weights against this machine's measured ceilings.\n"
       "Without arguments: preset " +
-          std::string(kDefaultPreset) + ", tokens 1,32,512, bf16, every thread.");
+          std::string(kDefaultPreset) + ", tokens 1,32,512, format bf16, every thread.");
   add_shape_options(*cmd, o->shape, /*preset_list=*/true);
   cmd->add_option("--tokens", o->tokens, "comma list of token counts (with --ep: per rank)")
       ->capture_default_str();
-  cmd->add_option("--dtype", o->dtype, "weight and activation dtype: bf16 or fp32")
-      ->check(weight_dtype())
+  cmd->add_option("--format", o->format,
+                  "weight/activation format (DESIGN.md section 4): bf16, fp16, fp32, fp8-tensor, "
+                  "fp8-token, fp8-block, int8, w4a16, w8a16, w4a8, mxfp4, nvfp4, with options "
+                  "after colons: g32/g64/g128/ch (group), zp, ue8m0, static (e.g. w4a16:g64:zp)")
       ->capture_default_str();
+  CLI::Option* device =
+      cmd->add_option("--device", o->device,
+                      "cpu, or cuda: the layer on the current GPU, timed as CUDA-graph replays "
+                      "with CUDA events and L2 flushed before each, against the card's measured "
+                      "copy bandwidth and cuBLAS GEMM rates")
+          ->check(CLI::IsMember({"cpu", "cuda"}))
+          ->capture_default_str();
   cmd->add_option("--threads", o->threads,
                   "threads (0: every hardware thread; with --ep, per rank: 0 splits this host's "
                   "threads among its ranks)")
@@ -97,6 +120,7 @@ Command add_bench_command(CLI::App& app, std::string command_line) {
       ->type_name("TEXT")
       ->default_str("all_to_all")
       ->needs(ep);
+  ep->excludes(device);
   cmd->add_option("--placement", o->placement, "EP expert placement: linear or round_robin")
       ->transform(one_of(ep_placements()))
       ->type_name("TEXT")

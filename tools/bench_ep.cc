@@ -55,7 +55,7 @@ std::vector<EpStep> make_steps(const EpJob& job, const CpuExpertsConfig& cpu, Be
 
 // This rank's result of a row. The cost is that of its local experts with the slots that every
 // rank routed to them: each rank knows only its own routing, so the loads are gathered.
-EpRankResult rank_result(const LayerSpec& spec, DType dtype, const ExpertMap& map,
+EpRankResult rank_result(const LayerSpec& spec, const QuantScheme& format, const ExpertMap& map,
                          const EpStep& step, int64_t tokens, const RowRun& run) {
   Communicator& comm = *step.comm;
   const int64_t num_experts = spec.num_experts;
@@ -76,7 +76,7 @@ EpRankResult rank_result(const LayerSpec& spec, DType dtype, const ExpertMap& ma
   r.routing_us = run.routing_us;
   r.reps = run.timing.reps;
   r.comm = run.comm;
-  r.cost = row_cost(spec, dtype, local, tokens, step.ceilings);
+  r.cost = row_cost(spec, format, local, tokens, step.ceilings);
   r.read_gbps = step.ceilings.read_gbps;
   r.max_rel_err = run.check.max_rel_err;
   r.err_tokens_checked = int64_t(run.check.rows.size());
@@ -123,17 +123,16 @@ struct EpSweep {
 std::vector<BenchRow> run_step(EpSweep& sweep, const LayerSpec& spec, const EpStep& step,
                                std::optional<BenchJsonFile>& json) {
   const BenchOptions& o = sweep.options;
-  const DType dtype = sweep.plan.dtype;
+  const QuantScheme& format = sweep.plan.format;
   const bool leader = sweep.job.leader();
   const ExpertMap map = make_ep_placement(o.placement, spec.num_experts, step.ep);
   if (leader)
     log_generating(
-        spec, dtype,
-        (map.num_local(0) * spec.expert_elements() + spec.shared_elements()) * element_bytes(dtype),
+        spec, format, map.num_local(0) * spec.expert_bytes(format) + spec.shared_bytes(format),
         " (rank 0's " + std::to_string(map.num_local(0)) +
             " experts at ep=" + std::to_string(step.ep) + ")");
   BenchLayer layer =
-      make_bench_layer(spec, {dtype, sweep.cpu, o.seed,
+      make_bench_layer(spec, {format, sweep.cpu, o.seed,
                               BenchEpConfig{step.comm, map, o.ep_mode, sweep.plan.max_tokens()}});
   if (leader) log_generated(spec, layer);
   std::vector<BenchRow> rows;
@@ -143,9 +142,9 @@ std::vector<BenchRow> run_step(EpSweep& sweep, const LayerSpec& spec, const EpSt
                 << " ep=" << step.ep << " tokens=" << tokens << " per rank ...\n";
     const RowRun run = run_layer_row(sweep.settings, spec, layer, tokens);
     EpRow ep{step.ep, std::string(name(o.ep_mode)), std::string(name(o.placement)),
-             step.comm->all_gather(rank_result(spec, dtype, map, step, tokens, run))};
+             step.comm->all_gather(rank_result(spec, format, map, step, tokens, run))};
     if (!leader) continue;
-    rows.push_back(merge_ranks(measured_row(spec, dtype, tokens, layer, run, {}), std::move(ep)));
+    rows.push_back(merge_ranks(measured_row(spec, format, tokens, layer, run, {}), std::move(ep)));
     print_table_row(std::cout, rows.back());
     std::cout.flush();
     if (json) json->add(rows.back());
@@ -168,7 +167,7 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
 
   CacheFlusher flusher(cpu.num_threads);
   for (const LayerSpec& spec : plan.specs)
-    check_memory(spec, plan.dtype, plan.max_tokens(), flusher.bytes(), job.ranks_on_host);
+    check_memory(spec, plan.format, plan.max_tokens(), flusher.bytes(), job.ranks_on_host);
   if (job.leader())
     std::cerr << "measuring the ceilings of each ep step, its ranks at once (DRAM read, SIMD "
                  "peak)...\n";
@@ -180,7 +179,7 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
                    {}};
   const std::vector<EpStep> steps = make_steps(job, cpu, info);
   if (job.leader()) {
-    const BenchMachine machine{cpu_model_name(),       cpu.num_threads,          cpu.isa,
+    const BenchMachine machine{cpu_model_name(), "cpu", cpu.num_threads,          cpu.isa,
                                steps.front().ceilings, last_level_cache_bytes(), flusher.bytes()};
     if (json) {
       json->set_machine(machine);
@@ -195,7 +194,7 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
                 plan,
                 job,
                 cpu,
-                {plan.dtype, cpu.num_threads, o.seed, o.reps, o.err_tokens, &flusher},
+                {plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens, &flusher},
                 0,
                 plan.specs.size() * steps.size() * plan.token_counts.size()};
   std::vector<std::vector<BenchRow>> scaling;  // rank 0: per layer, the rows of every step

@@ -3,6 +3,7 @@
 #include <numeric>
 #include <vector>
 
+#include "bench_cuda.h"
 #include "bench_timer.h"
 
 namespace moekit::cli {
@@ -41,11 +42,15 @@ std::unique_ptr<MoELayer> make_ep_layer(MoELayerConfig config, const ExpertWeigh
 
 }  // namespace
 
-int64_t bench_peak_bytes(const LayerSpec& spec, DType dtype, int64_t max_tokens, int ranks) {
-  // x and y in dtype; logits fp32; ids int32 and weights fp32 per slot.
+int64_t bench_peak_bytes(const LayerSpec& spec, const QuantScheme& format, int64_t max_tokens,
+                         int ranks) {
+  // x and y in io dtype; logits fp32; ids int32 and weights fp32 per slot.
   const int64_t per_token =
-      2 * spec.hidden * element_bytes(dtype) + 4 * spec.num_experts + 8 * spec.top_k;
-  return 2 * spec.total_weight_bytes(dtype) + ranks * max_tokens * per_token;
+      2 * spec.hidden * element_bytes(io_dtype(format)) + 4 * spec.num_experts + 8 * spec.top_k;
+  // Quantized weights are generated in bf16, quantized, then prepacked.
+  const QuantScheme generated{format.is_float() ? format.format : Format::kBF16};
+  const int64_t quantized = format.is_float() ? 0 : 2 * spec.total_weight_bytes(format);
+  return 2 * spec.total_weight_bytes(generated) + quantized + ranks * max_tokens * per_token;
 }
 
 BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& config) {
@@ -53,7 +58,7 @@ BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& confi
   const int threads = config.cpu.num_threads;
   BenchLayer b;
   b.routed = {config.seed,     kRoutedBase,   spec.hidden, spec.intermediate,
-              spec.activation, spec.has_bias, config.dtype};
+              spec.activation, spec.has_bias, config.format};
   std::vector<int32_t> experts(spec.num_experts);
   std::iota(experts.begin(), experts.end(), 0);
   if (config.ep) {
@@ -65,7 +70,7 @@ BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& confi
   RandomExperts shared;
   if (spec.num_shared_experts) {
     b.shared = {config.seed,     kSharedBase, spec.hidden, spec.shared_intermediate(),
-                spec.activation, false,       config.dtype};
+                spec.activation, false,       config.format};
     const int32_t only[] = {0};
     shared = make_random_experts(b.shared, only, threads);
   }
@@ -82,11 +87,14 @@ BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& confi
   lc.activation = spec.activation;
   lc.hidden = spec.hidden;
   lc.intermediate = spec.intermediate;
-  lc.act_dtype = config.dtype;
+  lc.act_dtype = io_dtype(config.format);
   const ExpertWeights shared_view = shared.view();
   const ExpertWeights* shared_weights = spec.num_shared_experts ? &shared_view : nullptr;
   if (config.ep) {
     b.layer = make_ep_layer(lc, routed.view(), shared_weights, b.correction_bias.view(), config, b);
+  } else if (config.cuda) {
+    b.layer = make_cuda_bench_layer(lc, routed.view(), shared_weights, b.correction_bias.view(),
+                                    b.device_weights);
   } else {
     CpuLayerOptions options;
     options.cpu = config.cpu;

@@ -22,10 +22,11 @@ struct BenchEpConfig {
 };
 
 struct BenchLayerConfig {
-  DType dtype = DType::kBF16;  // weights, x and y
+  QuantScheme format;  // of the routed and shared experts' weights; x and y in io_dtype(format)
   CpuExpertsConfig cpu;        // num_threads resolved (> 0)
   uint64_t seed = 0;
   std::optional<BenchEpConfig> ep;  // absent: the whole layer in this process
+  bool cuda = false;                // the layer on the current CUDA device (no EP)
 };
 
 // The layer plus what is needed to regenerate any of its experts (see bench_random.h); the
@@ -35,13 +36,14 @@ struct BenchLayer {
   RandomExpertsSpec routed, shared;  // shared.intermediate == 0: no shared expert
   Tensor correction_bias;            // [E] fp32 for grouped sigmoid routing, else empty
   std::shared_ptr<DistributedPrepareFinalize> ep;  // the routed kernel's, with EP; else null
+  std::shared_ptr<void> device_weights;            // CUDA: the device copies the layer views
   double generate_seconds = 0, prepack_seconds = 0;
 };
 
 // Peak host memory of make_bench_layer (the generated weights and their prepacked copy coexist;
 // with EP the ranks split them) plus the inputs and outputs of a run of `max_tokens` tokens on
 // each of `ranks` ranks.
-int64_t bench_peak_bytes(const LayerSpec& spec, DType dtype, int64_t max_tokens, int ranks = 1);
+int64_t bench_peak_bytes(const LayerSpec& spec, const QuantScheme& format, int64_t max_tokens, int ranks = 1);
 // With config.ep, generates only this rank's experts (each from its own random stream, so they
 // equal the same experts of a whole layer of the same seed).
 BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& config);

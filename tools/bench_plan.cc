@@ -7,6 +7,7 @@
 
 #include "bench_layer.h"
 #include "machine.h"
+#include "option_checks.h"
 
 namespace moekit::cli {
 int64_t BenchPlan::max_tokens() const {
@@ -19,8 +20,8 @@ BenchPlan resolve_bench_plan(const BenchOptions& o) {
                         !shape.intermediate && !shape.top_k;
   if (no_shape) shape.presets = {kDefaultPreset};
   return {resolve_layer_specs(shape), parse_token_list(o.tokens, "--tokens"),
-          parse_dtype(o.dtype),  // checked by weight_dtype()
-          resolve_isa(o.isa)};
+          parse_option("--format", [&] { return QuantScheme::parse(o.format); }),
+          o.device == "cuda", resolve_isa(o.isa)};
 }
 
 std::string gigabytes(int64_t bytes) {
@@ -29,24 +30,25 @@ std::string gigabytes(int64_t bytes) {
   return os.str();
 }
 
-void check_memory(const LayerSpec& spec, DType dtype, int64_t max_tokens, int64_t flush_bytes,
+void check_memory(const LayerSpec& spec, const QuantScheme& format, int64_t max_tokens, int64_t flush_bytes,
                   int ranks_on_host) {
   const int64_t need =
-      bench_peak_bytes(spec, dtype, max_tokens, ranks_on_host) + ranks_on_host * flush_bytes;
+      bench_peak_bytes(spec, format, max_tokens, ranks_on_host) + ranks_on_host * flush_bytes;
   const int64_t have = available_memory_bytes();
   if (have == 0 || need <= have) return;
   const std::string ranks =
       ranks_on_host > 1 ? ", for the " + std::to_string(ranks_on_host) + " ranks on this host" : "";
   throw CLI::ValidationError(
       "--preset",
-      spec.preset + " (" + spec.str() + ") in " + std::string(name(dtype)) + " needs about " +
+      spec.preset + " (" + spec.str() + ") in " + format.str() + " needs about " +
           gigabytes(need) + " (its weights twice, as generated and " +
           "prepacked, activations and the cache-flush buffer" + ranks + "); " + gigabytes(have) +
           " are available. Pick a smaller preset, fewer tokens, or shrink it with " + "-E/-H/-I");
 }
 
-void log_generating(const LayerSpec& spec, DType dtype, int64_t bytes, const std::string& share) {
-  std::cerr << spec.preset << ": generating " << gigabytes(bytes) << " of " << name(dtype)
+void log_generating(const LayerSpec& spec, const QuantScheme& format, int64_t bytes,
+                    const std::string& share) {
+  std::cerr << spec.preset << ": generating " << gigabytes(bytes) << " of " << format.str()
             << " weights" << share << " and prepacking (" << spec.str() << ")\n";
 }
 

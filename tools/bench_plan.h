@@ -18,7 +18,8 @@ inline constexpr const char* kDefaultPreset = "qwen3-30b-a3b";
 struct BenchOptions {
   ShapeOptions shape;
   std::string tokens = "1,32,512";
-  std::string dtype = "bf16";
+  std::string format = "bf16";
+  std::string device = "cpu";
   int threads = 0;
   std::string isa;
   int reps = 0;  // 0: adaptive, see bench_row.h
@@ -33,7 +34,8 @@ struct BenchOptions {
 struct BenchPlan {
   std::vector<LayerSpec> specs;
   std::vector<int64_t> token_counts;
-  DType dtype = DType::kBF16;
+  QuantScheme format;
+  bool cuda = false;
   CpuIsa isa = CpuIsa::kScalar;
   int64_t max_tokens() const;
 };
@@ -44,13 +46,13 @@ BenchPlan resolve_bench_plan(const BenchOptions& options);
 // Refuses, before any allocation, a layer this machine cannot hold: its weights twice (as
 // generated and prepacked; with EP split among the ranks, which share the host's memory), and
 // per rank on this host the activations of `max_tokens` tokens and the cache-flush buffer.
-void check_memory(const LayerSpec& spec, DType dtype, int64_t max_tokens, int64_t flush_bytes,
+void check_memory(const LayerSpec& spec, const QuantScheme& format, int64_t max_tokens, int64_t flush_bytes,
                   int ranks_on_host);
 
 std::string gigabytes(int64_t bytes);  // "1.21 GB"
 
 // Progress lines on stderr around make_bench_layer; `share` names the part generated.
-void log_generating(const LayerSpec& spec, DType dtype, int64_t bytes, const std::string& share);
+void log_generating(const LayerSpec& spec, const QuantScheme& format, int64_t bytes, const std::string& share);
 void log_generated(const LayerSpec& spec, const BenchLayer& layer);
 
 }  // namespace moekit::cli

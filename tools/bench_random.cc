@@ -112,17 +112,23 @@ RandomExperts make_random_experts(const RandomExpertsSpec& spec, std::span<const
   constexpr float kBiasStd = 0.1f;
   const int64_t n = int64_t(experts.size());
   const int64_t h = spec.hidden, i = spec.intermediate, rows = spec.activation.w13_rows(i);
+  const DType dtype = spec.format.is_float() ? spec.format.weight_dtype() : DType::kBF16;
   RandomExperts r;
-  r.w13 = Tensor(spec.dtype, {n, rows, h});
-  r.w2 = Tensor(spec.dtype, {n, h, i});
+  r.w13 = Tensor(dtype, {n, rows, h});
+  r.w2 = Tensor(dtype, {n, h, i});
   auto stream = [&](uint64_t role) { return RandomStream{spec.seed, spec.stream_base + role}; };
   fill_normal_blocks(r.w13, stream(0), rows * h, experts, 1.0f / std::sqrt(float(h)), threads);
   fill_normal_blocks(r.w2, stream(1), h * i, experts, 1.0f / std::sqrt(float(i)), threads);
   if (spec.has_bias) {
-    r.b13 = Tensor(spec.dtype, {n, rows});
-    r.b2 = Tensor(spec.dtype, {n, h});
+    r.b13 = Tensor(dtype, {n, rows});
+    r.b2 = Tensor(dtype, {n, h});
     fill_normal_blocks(r.b13, stream(2), rows, experts, kBiasStd, threads);
     fill_normal_blocks(r.b2, stream(3), h, experts, kBiasStd, threads);
+  }
+  if (!spec.format.is_float()) {
+    r.quantized = quantize_expert_weights(r.view(), spec.format);
+    r.w13 = Tensor();  // the bf16 copies are not needed any more (biases stay)
+    r.w2 = Tensor();
   }
   return r;
 }

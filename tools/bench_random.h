@@ -5,10 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 
 #include "moekit/core/tensor.h"
 #include "moekit/modular.h"
+#include "moekit/quant/quantize.h"
 
 namespace moekit::cli {
 
@@ -29,14 +31,25 @@ struct RandomExpertsSpec {
   int64_t hidden = 0, intermediate = 0;
   Activation activation;
   bool has_bias = false;
-  DType dtype = DType::kBF16;
+  // Float formats are drawn in their dtype; quantized ones drawn in bf16 and quantized (per
+  // expert, so a regenerated subset quantizes to the same values).
+  QuantScheme format;
 };
 
 // Owning expert weights; W13 ~ N(0, 1/H) and W2 ~ N(0, 1/I) keep every activation O(1) for
 // O(1) inputs, whatever the shape.
 struct RandomExperts {
   Tensor w13, w2, b13, b2;  // [n, w13_rows(I), H], [n, H, I], [n, w13_rows(I)], [n, H]
-  ExpertWeights view() const { return {w13.view(), w2.view(), b13.view(), b2.view(), {}}; }
+  std::optional<QuantizedExpertWeights> quantized;  // of w13 and w2, quantized formats only
+  ExpertWeights view() const {
+    if (quantized) return quantized->view();
+    ExpertWeights w;
+    w.w13 = w13;
+    w.w2 = w2;
+    w.b13 = b13;
+    w.b2 = b2;
+    return w;
+  }
 };
 
 RandomExperts make_random_experts(const RandomExpertsSpec& spec, std::span<const int32_t> experts,

@@ -74,8 +74,8 @@ nlohmann::ordered_json row_json(const BenchRow& r) {
       {"I", s.intermediate},
       {"k", s.top_k},
       {"tokens", r.tokens},
-      {"format", name(r.dtype)},
-      {"device", "cpu"},
+      {"format", r.format.str()},
+      {"device", r.device},
       {"ep", r.ep ? r.ep->ep : 1},
       {"experts_impl", r.experts_impl},
       {"time_us", number(r.time_us)},
@@ -86,14 +86,15 @@ nlohmann::ordered_json row_json(const BenchRow& r) {
       {"max_rel_err", number(r.max_rel_err)},
       // Fields beyond DESIGN.md §7's list.
       {"shape_overridden", s.shape_overridden},
+      {"cuda_graph", r.graph},
       {"routing", s.router.str()},
       {"activation", s.activation.str()},
       {"has_bias", s.has_bias},
       {"shared_experts", s.num_shared_experts},
-      {"bytes_per_weight", element_bytes(r.dtype)},
+      {"bytes_per_weight", number(double(s.expert_bytes(r.format)) / double(s.expert_elements()))},
       {"active_experts", r.cost.active_experts},
       {"weight_bytes", r.cost.weight_bytes},
-      {"total_weight_bytes", s.total_weight_bytes(r.dtype)},
+      {"total_weight_bytes", s.total_weight_bytes(r.format)},
       {"flops", r.cost.flops},
       {"bound", r.cost.bound()},
       // The roofline's two terms ("compute_us" of an EP row is measured, see add_ep_fields).
@@ -135,7 +136,7 @@ Column plain(const char* name, int width, Get get) {
 
 std::pair<std::vector<Column>, std::vector<Column>> make_columns() {
   const Column preset = plain("preset", -16, [](const BenchRow& r) { return r.spec->preset; });
-  const Column dtype = plain("dtype", 6, [](const BenchRow& r) { return name(r.dtype); });
+  const Column format = plain("format", 11, [](const BenchRow& r) { return r.format.str(); });
   const Column tokens = plain("tokens", 8, [](const BenchRow& r) { return r.tokens; });
   const Column experts =
       plain("experts", 8, [](const BenchRow& r) { return r.cost.active_experts; });
@@ -149,7 +150,7 @@ std::pair<std::vector<Column>, std::vector<Column>> make_columns() {
                       }};
   std::vector<Column> single = {
       preset,
-      dtype,
+      format,
       tokens,
       experts,
       time,
@@ -162,7 +163,7 @@ std::pair<std::vector<Column>, std::vector<Column>> make_columns() {
       err};
   std::vector<Column> with_ep = {
       preset,
-      dtype,
+      format,
       plain("ep", 4, [](const BenchRow& r) { return r.ep->ep; }),
       tokens,
       experts,
@@ -228,9 +229,12 @@ double BenchRow::compute_us() const {
 
 void print_machine(std::ostream& os, const BenchMachine& m) {
   const MachineCeilings& c = m.ceilings;
-  os << std::fixed << std::setprecision(1) << "machine: " << m.device << ", " << m.threads
-     << " threads, isa " << name(m.isa) << "\nceilings: DRAM read " << c.read_gbps
+  const bool gpu = m.kind == "cuda";
+  os << std::fixed << std::setprecision(1) << "machine: " << m.device;
+  if (!gpu) os << ", " << m.threads << " threads, isa " << name(m.isa);
+  os << "\nceilings: " << (gpu ? "device copy (read + write) " : "DRAM read ") << c.read_gbps
      << " GB/s, peak bf16 " << c.peak_gflops_bf16 << " GFLOP/s, fp32 " << c.peak_gflops_fp32
+     << " GFLOP/s, int8 " << c.peak_gops_int8 << " GOP/s, fp8 " << c.peak_gflops_fp8
      << " GFLOP/s (measured in " << std::setprecision(2) << c.measure_seconds << " s); cache flush "
      << (m.flush_bytes >> 20) << " MiB between reps\n"
      << std::defaultfloat;
@@ -305,8 +309,12 @@ void BenchJsonFile::set_machine(const BenchMachine& m) {
       {"device", m.device},
       {"threads", m.threads},
       {"read_gbps", c.read_gbps},
-      {"peak_tflops", {{"bf16", c.peak_gflops_bf16 * 1e-3}, {"fp32", c.peak_gflops_fp32 * 1e-3}}},
-      {"kind", "cpu"},
+      {"peak_tflops",
+       {{"bf16", c.peak_gflops_bf16 * 1e-3},
+        {"fp32", c.peak_gflops_fp32 * 1e-3},
+        {"int8", c.peak_gops_int8 * 1e-3},  // tera-ops of int8 dot products
+        {"fp8", c.peak_gflops_fp8 * 1e-3}}},
+      {"kind", m.kind},
       {"isa", name(m.isa)},
       {"last_level_cache_bytes", m.last_level_cache_bytes},
       {"flush_bytes", m.flush_bytes},

@@ -49,7 +49,7 @@ struct EpRow {
 
 struct BenchRow {
   const LayerSpec* spec = nullptr;
-  DType dtype = DType::kBF16;
+  QuantScheme format;
   int64_t tokens = 0;  // with EP: per rank
   std::string experts_impl;
   // With EP: flops, slots and bytes summed over ranks; memory_us and compute_us of the
@@ -57,6 +57,8 @@ struct BenchRow {
   RowCost cost;
   double time_us = 0;  // median over reps (EP: of the slowest rank)
   double time_min_us = 0, time_max_us = 0;
+  std::string device = "cpu";  // "cpu" or "cuda"
+  bool graph = false;          // timed as CUDA-graph replays
   int reps = 0;
   double routing_us = 0;  // route() alone, not part of time_us
   double max_rel_err = 0;
@@ -71,7 +73,8 @@ struct BenchRow {
 };
 
 struct BenchMachine {
-  std::string device;  // CPU model
+  std::string device;  // CPU model, or the GPU's name
+  std::string kind = "cpu";  // "cpu" or "cuda"
   int threads = 0;     // with EP: per rank
   CpuIsa isa = CpuIsa::kScalar;
   MachineCeilings ceilings;  // with EP: rank 0's, measured alone

@@ -13,18 +13,17 @@ std::vector<int64_t> expert_loads(const TensorView& topk_ids, int num_experts) {
   return loads;
 }
 
-RowCost row_cost(const LayerSpec& spec, DType dtype, std::span<const int64_t> loads, int64_t tokens,
+RowCost row_cost(const LayerSpec& spec, const QuantScheme& format, std::span<const int64_t> loads, int64_t tokens,
                  const MachineCeilings& ceilings) {
   RowCost c;
   for (int64_t n : loads) {
     c.slots += n;
     c.active_experts += n > 0;
   }
-  c.weight_bytes =
-      (c.active_experts * spec.expert_elements() + spec.shared_elements()) * element_bytes(dtype);
+  c.weight_bytes = c.active_experts * spec.expert_bytes(format) + spec.shared_bytes(format);
   c.flops = spec.flops(tokens, c.slots);
   c.memory_us = double(c.weight_bytes) / (ceilings.read_gbps * 1e3);
-  c.compute_us = c.flops / (ceilings.peak_gflops(dtype) * 1e3);
+  c.compute_us = c.flops / (ceilings.peak_gflops(format) * 1e3);
   return c;
 }
 

@@ -29,7 +29,7 @@ std::vector<int64_t> expert_loads(const TensorView& topk_ids, int num_experts);
 
 // The cost of computing the experts whose slot counts are `loads` (all of the layer's, or one EP
 // rank's local ones with the slots every rank sent them), plus the shared expert over `tokens`.
-RowCost row_cost(const LayerSpec& spec, DType dtype, std::span<const int64_t> loads, int64_t tokens,
+RowCost row_cost(const LayerSpec& spec, const QuantScheme& format, std::span<const int64_t> loads, int64_t tokens,
                  const MachineCeilings& ceilings);
 
 }  // namespace moekit::cli

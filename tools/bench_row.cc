@@ -42,11 +42,11 @@ Timing time_reps(const std::function<void()>& forward, const std::function<void(
 RowRun run_layer_row(const RowSettings& s, const LayerSpec& spec, BenchLayer& b, int64_t tokens) {
   Communicator* comm = b.ep ? &b.ep->communicator() : nullptr;
   const int rank = comm ? comm->rank() : 0;
-  const BenchInputs in = make_bench_inputs(spec, s.dtype, tokens, s.seed, s.threads, rank);
+  const BenchInputs in = make_bench_inputs(spec, io_dtype(s.format), tokens, s.seed, s.threads, rank);
   RowRun run;
   run.ids = Tensor(DType::kI32, {tokens, int64_t(spec.top_k)});
   run.weights = Tensor(DType::kF32, {tokens, int64_t(spec.top_k)});
-  const Tensor y(s.dtype, {tokens, spec.hidden});
+  const Tensor y(io_dtype(s.format), {tokens, spec.hidden});
 
   // Routing runs outside the timed region; its own time is reported beside it.
   std::vector<double> routing_samples;
@@ -80,11 +80,11 @@ RowRun run_layer_row(const RowSettings& s, const LayerSpec& spec, BenchLayer& b,
   return run;
 }
 
-BenchRow measured_row(const LayerSpec& spec, DType dtype, int64_t tokens, const BenchLayer& b,
+BenchRow measured_row(const LayerSpec& spec, const QuantScheme& format, int64_t tokens, const BenchLayer& b,
                       const RowRun& run, const RowCost& cost) {
   BenchRow row;
   row.spec = &spec;
-  row.dtype = dtype;
+  row.format = format;
   row.tokens = tokens;
   row.experts_impl = std::string(b.layer->routed_kernel().experts().name());
   row.cost = cost;

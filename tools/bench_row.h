@@ -14,7 +14,7 @@ namespace moekit::cli {
 
 // What every row of a sweep shares.
 struct RowSettings {
-  DType dtype = DType::kBF16;
+  QuantScheme format;
   int threads = 1;
   uint64_t seed = 0;
   int reps = 0;  // 0: adaptive, kMinReps to kMaxReps within kRowBudgetUs
@@ -39,7 +39,7 @@ RowRun run_layer_row(const RowSettings& settings, const LayerSpec& spec, BenchLa
                      int64_t tokens);
 
 // The fields of a row that one process measured; an EP sweep then merges its ranks' results.
-BenchRow measured_row(const LayerSpec& spec, DType dtype, int64_t tokens, const BenchLayer& layer,
+BenchRow measured_row(const LayerSpec& spec, const QuantScheme& format, int64_t tokens, const BenchLayer& layer,
                       const RowRun& run, const RowCost& cost);
 
 }  // namespace moekit::cli

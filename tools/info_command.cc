@@ -25,12 +25,12 @@ void print_presets(std::ostream& os) {
     ShapeOptions one;
     one.presets = {std::string(p.name)};
     const LayerSpec s = resolve_layer_specs(one).front();
-    const int64_t active =
-        (s.top_k * s.expert_elements() + s.shared_elements()) * element_bytes(DType::kBF16);
+    const QuantScheme bf16{Format::kBF16};
+    const int64_t active = s.top_k * s.expert_bytes(bf16) + s.shared_bytes(bf16);
     os << "  " << std::left << std::setw(15) << s.preset << std::right << std::setw(5)
        << s.num_experts << std::setw(6) << s.hidden << std::setw(7) << s.intermediate
        << std::setw(3) << s.top_k << std::fixed << std::setprecision(2) << std::setw(11)
-       << s.total_weight_bytes(DType::kBF16) / 1e9 << std::setprecision(1) << std::setw(11)
+       << s.total_weight_bytes(bf16) / 1e9 << std::setprecision(1) << std::setw(11)
        << active / 1e6 << "  " << s.router.str() << ", " << s.activation.str()
        << (s.has_bias ? ", biases" : "")
        << (s.num_shared_experts ? ", " + std::to_string(s.num_shared_experts) + " shared" : "")

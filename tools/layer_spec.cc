@@ -92,14 +92,32 @@ int64_t LayerSpec::expert_elements() const {
   return rows * hidden + hidden * intermediate + (has_bias ? rows + hidden : 0);
 }
 
-int64_t LayerSpec::shared_elements() const {
-  if (num_shared_experts == 0) return 0;
-  const int64_t is = shared_intermediate();
-  return activation.w13_rows(is) * hidden + hidden * is;
+namespace {
+// w13 [rows, H] and w2 [H, inter] of one expert in `f`.
+int64_t gated_mlp_bytes(const QuantScheme& f, int64_t rows, int64_t hidden, int64_t inter) {
+  return int64_t(f.bytes_per_weight(rows, hidden) * double(rows * hidden) +
+                 f.bytes_per_weight(hidden, inter) * double(hidden * inter));
+}
+}  // namespace
+
+DType io_dtype(const QuantScheme& format) {
+  return format.is_float() ? format.weight_dtype() : DType::kBF16;
 }
 
-int64_t LayerSpec::total_weight_bytes(DType dtype) const {
-  return (num_experts * expert_elements() + shared_elements()) * element_bytes(dtype);
+int64_t LayerSpec::expert_bytes(const QuantScheme& f) const {
+  const int64_t rows = activation.w13_rows(intermediate);
+  return gated_mlp_bytes(f, rows, hidden, intermediate) +
+         (has_bias ? (rows + hidden) * element_bytes(io_dtype(f)) : 0);
+}
+
+int64_t LayerSpec::shared_bytes(const QuantScheme& f) const {
+  if (num_shared_experts == 0) return 0;
+  const int64_t is = shared_intermediate();
+  return gated_mlp_bytes(f, activation.w13_rows(is), hidden, is);
+}
+
+int64_t LayerSpec::total_weight_bytes(const QuantScheme& f) const {
+  return num_experts * expert_bytes(f) + shared_bytes(f);
 }
 
 double LayerSpec::flops(int64_t tokens, int64_t slots) const {

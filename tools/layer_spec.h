@@ -9,6 +9,7 @@
 
 #include "moekit/activation.h"
 #include "moekit/core/dtype.h"
+#include "moekit/quant/format.h"
 #include "moekit/router.h"
 
 namespace moekit::cli {
@@ -42,15 +43,20 @@ struct LayerSpec {
   int64_t shared_intermediate() const { return int64_t(num_shared_experts) * intermediate; }
   // Weight (and bias) elements of one routed expert, and of the fused shared expert (0: none).
   int64_t expert_elements() const;
-  int64_t shared_elements() const;
-  // All routed experts plus the shared one, in bytes of `dtype`.
-  int64_t total_weight_bytes(DType dtype) const;
+  // Bytes of one routed expert and of the shared expert in `format` (weights with their scales;
+  // biases in the layer's activation dtype), and of all routed experts plus the shared one.
+  int64_t expert_bytes(const QuantScheme& format) const;
+  int64_t shared_bytes(const QuantScheme& format) const;
+  int64_t total_weight_bytes(const QuantScheme& format) const;
   // Forward FLOPs (2 per multiply-add) of `tokens` tokens holding `slots` (token, routed expert)
   // pairs in all; the shared expert sees every token.
   double flops(int64_t tokens, int64_t slots) const;
   // "E=128 H=2048 I=768 k=8 softmax_topk(renorm) silu" — for progress lines and messages.
   std::string str() const;
 };
+
+// x and y of a layer in `format`: a float format's own dtype, bf16 for quantized formats.
+DType io_dtype(const QuantScheme& format);
 
 // One spec per requested preset (or one "custom" spec), overrides applied and validated.
 // Throws CLI::ValidationError naming the option and the reason.

@@ -50,6 +50,8 @@ MachineCeilings measure_ceilings(CpuIsa isa, int threads) {
   c.read_gbps = measure_dram_read_gbps(threads);
   c.peak_gflops_bf16 = measure_cpu_peak_gflops(isa, DType::kBF16, threads);
   c.peak_gflops_fp32 = measure_cpu_peak_gflops(isa, DType::kF32, threads);
+  c.peak_gops_int8 = measure_cpu_peak_gflops(isa, DType::kI8, threads);
+  c.peak_gflops_fp8 = c.peak_gflops_bf16;  // the CPU experts widen fp8 and FMA
   c.measure_seconds = watch.elapsed_us() * 1e-6;
   return c;
 }
