@@ -43,12 +43,15 @@ int run_bench(const BenchOptions& o, const std::string& command_line) {
 
   const RowSettings settings{plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens,
                              flusher ? &*flusher : nullptr};
+  // A GPU row runs as one chunk (its workspace fits the card; chunks would re-read the weights);
+  // the CPU keeps the library's default chunk, which bounds host memory.
+  const int64_t chunk = plan.cuda ? plan.max_tokens() : MoELayerConfig{}.chunk_tokens;
   const size_t total = plan.specs.size() * plan.token_counts.size();
   size_t step = 0;
   for (const LayerSpec& spec : plan.specs) {
     log_generating(spec, plan.format, spec.total_weight_bytes(plan.format), "");
     BenchLayer layer =
-        make_bench_layer(spec, {plan.format, cpu, o.seed, std::nullopt, plan.cuda});
+        make_bench_layer(spec, {plan.format, cpu, o.seed, std::nullopt, plan.cuda, chunk});
     log_generated(spec, layer);
     for (int64_t tokens : plan.token_counts) {
       std::cerr << "[" << ++step << "/" << total << "] " << spec.preset << " tokens=" << tokens

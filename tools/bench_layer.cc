@@ -88,6 +88,7 @@ BenchLayer make_bench_layer(const LayerSpec& spec, const BenchLayerConfig& confi
   lc.hidden = spec.hidden;
   lc.intermediate = spec.intermediate;
   lc.act_dtype = io_dtype(config.format);
+  lc.chunk_tokens = config.chunk_tokens;
   const ExpertWeights shared_view = shared.view();
   const ExpertWeights* shared_weights = spec.num_shared_experts ? &shared_view : nullptr;
   if (config.ep) {

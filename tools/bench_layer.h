@@ -27,6 +27,7 @@ struct BenchLayerConfig {
   uint64_t seed = 0;
   std::optional<BenchEpConfig> ep;  // absent: the whole layer in this process
   bool cuda = false;                // the layer on the current CUDA device (no EP)
+  int64_t chunk_tokens = 1024;      // rows per chunk of the layer's forward
 };
 
 // The layer plus what is needed to regenerate any of its experts (see bench_random.h); the
