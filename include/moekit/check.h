@@ -1,7 +1,7 @@
 // Contract checks (DESIGN.md section 2) shared by the GoogleTest suite and `moekit check`:
-// deterministic test data, comparisons that name the first bad coordinate, the error bound of
-// each activation dtype, the placements, the registry of PrepareFinalize and Experts
-// implementations, and a runner that checks every composition against the oracle.
+// deterministic test data (float and quantized formats), comparisons that name the first bad
+// coordinate, the error bounds of each format, the placements, the registry of PrepareFinalize
+// and Experts implementations, and a runner that checks every composition against the oracle.
 //
 //   CheckOptions opts;                      // E, H, I, k, tokens, what to sweep
 //   CheckReport report = run_contract_suite(opts);
@@ -21,6 +21,7 @@
 #include "moekit/dist/communicator.h"
 #include "moekit/modular.h"
 #include "moekit/placement.h"
+#include "moekit/quant/quantize.h"
 #include "moekit/router.h"
 
 namespace moekit::check {
@@ -37,13 +38,31 @@ void fill_uniform(const TensorView& t, uint64_t seed, double lo, double hi);
 
 // Global weights [E, ...] and the ExpertWeights viewing them.
 struct LayerWeights {
-  Tensor w13, w2, b13, b2;  // b13, b2 empty when the layer has no biases
+  Tensor w13, w2, b13, b2;  // float; b13, b2 empty when the layer has no biases
+  // Quantized formats: w13 and w2 quantized (the float tensors above are their source, and the
+  // biases stay float).
+  std::optional<QuantizedExpertWeights> quantized;
   ExpertWeights view() const;
 };
 // Scaled so that gates have a standard deviation of about 2.5 for x in [-3, 3) (SwiGLU-OAI's
 // clamp at 7 is hit by about 1% of them) and y is of order 1.
 LayerWeights make_random_weights(int64_t num_experts, int64_t hidden, int64_t intermediate,
                                  const Activation& act, DType dtype, bool bias, uint64_t seed);
+// Weights of `format`: float formats as above (dtype = the format's); quantized ones from fp32
+// weights (bf16 biases) whose magnitude changes by powers of two from one scale group to the next
+// -- each output row for per-channel scales, each group of K for group scales, each 128 x 128
+// block for block scales -- and then quantize_expert_weights: a scale read from the wrong
+// group is then off by 2x or 4x, not by the few percent two random groups' amax differ.
+LayerWeights make_random_weights(int64_t num_experts, int64_t hidden, int64_t intermediate,
+                                 const Activation& act, const QuantScheme& format, bool bias,
+                                 uint64_t seed);
+
+// Hidden states x [M, H] in [-3, 3) (dtype; seed as fill_uniform). For formats whose activations
+// are quantized, rows and 128-column blocks are further scaled by powers of two (row t, block j:
+// by 2^-1, 1 or 2 as (t + j) mod 3) so that a per-token or per-block scale taken from the wrong
+// row or group is visibly wrong.
+Tensor make_activations(const QuantScheme& format, DType dtype, int64_t tokens, int64_t hidden,
+                        uint64_t seed);
 
 // Routing drawn through the real router (route()).
 struct Routing {
@@ -74,6 +93,9 @@ struct Comparison {
   double max_err = 0;  // max |got - want| / row scale (0/0 counts 0, x/0 counts +inf)
   double bound = 0;
   std::optional<Mismatch> first_bad;  // row-major first coordinate beyond the bound
+  // compare_systematic: max_err is the systematic error, first_bad (when it is beyond the
+  // bound) the coordinate of the largest |got - want|.
+  bool systematic = false;
   bool ok() const { return !first_bad; }
   std::string str() const;  // "max err 0.0012 <= 0.0156" or the first bad coordinate
 };
@@ -85,13 +107,31 @@ Comparison compare_rows(const TensorView& got, const TensorView& want, double bo
                         std::span<const double> row_scale = {});
 // Same dtype and shape ([M, N], last dim contiguous), equal bit for bit.
 Comparison compare_bits(const TensorView& got, const TensorView& want);
+// The systematic error of got against want: |sum (got - want) want| / sum want^2 over every
+// coordinate, the least-squares slope of the error on want (0 when both are all zero, +inf when
+// only want is). Rounding to nearest leaves it near zero however the roundings fall, sparse
+// outliers barely move it, and a bias that every coordinate shares -- truncation instead of
+// rounding, a scale off by a constant factor -- shows in full. Where want has fewer than
+// `min_rows` rows that are not all zero the slope is one outlier's: it is reported, never bad.
+Comparison compare_systematic(const TensorView& got, const TensorView& want, double bound,
+                              int64_t min_rows = 16);
 
 // ---- error bounds -----------------------------------------------------------------------
 
-// Allowed |y - y_ref| / row scale for a kernel with activation dtype `dtype` whose output is the
-// sum of `num_ranks` ranks' outputs; the derivation is next to the definition (check_data.cc).
+// Allowed |y - y_ref| / row scale for a kernel of `format` with x and y in `dtype` whose output
+// is the sum of `num_ranks` ranks' outputs; the derivation is next to the definition
+// (check_data.cc). Built on FormatTraits::act_unit.
+double error_bound(const QuantScheme& format, DType dtype, int num_ranks, bool weight_on_input,
+                   int64_t hidden, int64_t intermediate);
+// The float format of `dtype` (bf16, fp16, fp32; throws moekit::Error for other dtypes).
 double error_bound(DType dtype, int num_ranks, bool weight_on_input, int64_t hidden,
                    int64_t intermediate);
+// Allowed compare_systematic error of a kernel of `format` (x and y in `dtype`, the sum of
+// `num_ranks` ranks) against the oracle: formats with quantized activations only (their kernels
+// and the oracle round the same numbers, so a systematic error beyond y's rounding is a bug);
+// nullopt for the others, whose bound on rows covers it.
+std::optional<double> systematic_error_bound(const QuantScheme& format, DType dtype,
+                                             int num_ranks);
 
 // ---- placements -------------------------------------------------------------------------
 
@@ -153,18 +193,24 @@ struct CheckCase {
   RoutingMethod routing = RoutingMethod::kSoftmaxTopK;
   Activation activation;
   bool bias = false;
-  DType dtype = DType::kBF16;
-  // "cpu-avx2/local/round_robin x2/softmax_topk/silu/bf16" (+ "/bias").
+  DType dtype = DType::kBF16;  // x and y (the float format's dtype, or bf16 for quantized ones)
+  QuantScheme format;          // the weights' (and activations') format
+  // "cpu-avx2/local/round_robin x2/softmax_topk/silu/bf16" (+ "/bias"); a quantized format ends
+  // the name instead of the dtype ("/fp8-block:ue8m0").
   std::string name() const;
 };
 
 struct CaseResult {
   CheckCase kase;
   int64_t tokens = 0;
+  // True when nothing failed -- also for a case that is not applicable.
   bool passed = false;
-  double max_err = 0, bound = 0;  // of the comparison closest to its bound
+  // The experts refused the case's format when built (moekit::Error naming the "format"): the
+  // case did not run, detail says why. Counted apart from passed and failed cases.
+  bool not_applicable = false;
+  double max_err = 0, bound = 0;  // of the row comparison closest to its bound
   std::string detail;             // the failing check and its first bad coordinate, or errors
-  std::string str() const;
+  std::string str() const;        // "PASS ...", "FAIL ...", or "N/A ...: <reason>"
 };
 
 struct CheckOptions {
@@ -172,7 +218,11 @@ struct CheckOptions {
   int64_t hidden = 67, intermediate = 45;  // odd: every SIMD tail is exercised
   int top_k = 2;                           // Llama-4 routing always uses 1
   std::vector<int64_t> tokens = {1, 7, 19, 99, 111};
-  std::vector<DType> dtypes = {DType::kBF16};
+  std::vector<DType> dtypes = {DType::kBF16};  // float formats (x, y and weights in the dtype)
+  // Further formats (quant/format.h), quantized ones with x and y in bf16. Formats with the
+  // static activation option need their scale at the experts' construction, which the registry
+  // does not carry: the suite rejects them.
+  std::vector<QuantScheme> formats;
   std::vector<Activation> activations = {Activation{}};
   std::vector<RoutingMethod> routing = {RoutingMethod::kSoftmaxTopK, RoutingMethod::kTopKSoftmax,
                                         RoutingMethod::kSigmoidGroupedTopK,
@@ -191,7 +241,11 @@ struct CheckOptions {
   // tokens (split_rows), compared with the oracle and with a single-rank kernel.
   std::shared_ptr<Communicator> communicator;
   int threads = 0;                            // CPU experts and weight-and-reduce; 0: all
-  int64_t chunk_tokens = 64;                  // < max tokens, so chunking is exercised
+  // < max tokens, so chunking is exercised. Formats with per-tensor activation scales run one
+  // round of all tokens instead: a dynamic a1 scale covers the rows of one round (of all ranks)
+  // and the intermediate's the rows of one Experts::apply call, the oracle's the whole batch
+  // (or the pairs of one rank's share).
+  int64_t chunk_tokens = 64;
   int64_t token_key_offset = 3;               // replica choice must follow the global row
   int64_t padding_period = 6;                 // see make_random_routing
   uint64_t seed = 0x6d6f656b6974;
@@ -201,19 +255,26 @@ struct CheckOptions {
 
 struct CheckReport {
   std::vector<CaseResult> results;
-  size_t passed() const;
+  size_t passed() const;  // passed and applicable
   size_t failed() const;
+  size_t not_applicable() const;
   bool ok() const { return failed() == 0; }
 };
 
 // The cases the options select (the cross product, less combinations that do not apply);
 // throws moekit::Error naming an unknown registry name.
 std::vector<CheckCase> enumerate_cases(const CheckOptions& options);
-// Runs one case for every token count. Never throws: errors become failed results.
-// Per token count it checks, against reference_moe on the same inputs:
+// Runs one case for every token count. Never throws: errors become failed results, and experts
+// that refuse the format at construction (a moekit::Error mentioning "format") make every result
+// not applicable.
+// Per token count it checks, against reference_moe on the same inputs (within error_bound, and
+// for formats with quantized activations within systematic_error_bound):
 //   each rank's output vs the oracle's share of that rank (rows it does not serve: exact 0);
 //   the sum of the ranks vs the whole layer; one rank over linear(E, 1) vs the whole layer;
 //   the rank sum vs that single-rank result (bit-exact for batch-invariant experts with k = 1).
+// Formats whose intermediate has a per-tensor scale (intermediate_spec: it covers one call's
+// rows) compare the sum of the ranks with the sum of the oracle's shares instead, and skip the
+// comparisons of the ranks with linear(E, 1), which computes another batch.
 std::vector<CaseResult> run_case(const CheckCase& kase, const CheckOptions& options);
 CheckReport run_contract_suite(const CheckOptions& options);
 

@@ -1,6 +1,8 @@
-// All-to-all EP: a token travels once to each rank that serves at least one of its experts;
-// every (token, slot) result travels back to the owner in fp32, and the owner weights and sums
-// with its own routing (contract 2), in slot order: the same arithmetic as on one rank.
+// All-to-all EP: a token (its codes and scale row) travels once to each rank that serves at
+// least one of its experts; every (token, slot) result travels back to the owner in fp32, and
+// the owner weights and sums with its own routing (contract 2), in slot order: the same
+// arithmetic as on one rank.
+#include <algorithm>
 #include <cstring>
 
 #include "dist/ep_common.h"
@@ -21,12 +23,14 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
 
   size_t workspace_size(const MoEProblem& p) const override {
     const int64_t M = p.tokens, T = max_dispatched_tokens(p), H = p.hidden, k = p.top_k;
-    const int64_t rec = record_bytes(H, k, 4), fanout = std::min<int64_t>(k, comm_->size());
-    // a_local [M, H]; dest [M, k]; records out (M * fanout) and in (T); a1 [T, H]; ids and
-    // weights [T, k]; results out [T, k, H], in [M, k, H], combined [M, k, H] (fp32).
-    return Workspace::aligned(M * H * 4) + Workspace::aligned(M * k * 4) +
+    const int64_t rec = record_bytes(detail::max_row_bytes(p), k);
+    const int64_t fanout = std::min<int64_t>(k, comm_->size());
+    // a_local [M, H] (+ scales); dest [M, k]; records out (M * fanout) and in (T); a1 [T, H]
+    // (+ scales); ids and weights [T, k]; results out [T, k, H], in [M, k, H], combined
+    // [M, k, H] (fp32).
+    return detail::prepare_activations_workspace(p, M) + Workspace::aligned(M * k * 4) +
            Workspace::aligned(M * fanout * rec) + Workspace::aligned(T * rec) +
-           Workspace::aligned(T * H * 4) + 2 * Workspace::aligned(T * k * 4) +
+           detail::rows_workspace(p, T) + 2 * Workspace::aligned(T * k * 4) +
            Workspace::aligned(T * k * H * 4) + 2 * Workspace::aligned(M * k * H * 4);
   }
 
@@ -34,8 +38,10 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
     const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
-    const int64_t elt = element_bytes(req.spec.dtype), rec = record_bytes(H, k, elt);
-    const TensorView a_local = detail::activations_for_experts(req, ws);
+    int64_t sent = 0;
+    const detail::ActivationRows a_local = detail::prepare_activations(req, ws, agreed_amax(&sent));
+    const detail::RowBytes row = a_local.bytes;
+    const int64_t rec = record_bytes(row.total(), k);
 
     // The rank serving each (token, slot), -1 for padding; rows bound for each rank.
     dest_ = ws.take(DType::kI32, {M, k});
@@ -60,7 +66,7 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
     }
     rows_from_ = rows_from;
 
-    // Records: [activation row | k dest-local ids | k weights], grouped by destination rank.
+    // Records: [k dest-local ids | k weights | scale row | codes], grouped by destination rank.
     detail::Counts bytes(R);
     std::vector<int64_t> first(R + 1, 0);
     for (int d = 0; d < R; ++d) {
@@ -70,37 +76,43 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
     }
     char* out = static_cast<char*>(ws.take_bytes(detail::Counts::total(bytes.send)));
     std::vector<int64_t> next(first.begin(), first.end() - 1);
+    std::vector<int32_t> ids(k);
+    std::vector<float> w(k);
     for (int64_t t = 0; t < M; ++t) {
       const int64_t key = detail::token_key(rank(), req.token_key_offset + t);
       const int32_t* dest = dest_.row<int32_t>(t);
       for (int d = 0; d < R; ++d) {
         if (std::find(dest, dest + k, d) == dest + k) continue;
         char* r = out + next[d]++ * rec;
-        std::memcpy(r, a_local.row<char>(0) + t * H * elt, H * elt);
-        auto* ids = reinterpret_cast<int32_t*>(r + H * elt);
-        auto* w = reinterpret_cast<float*>(ids + k);
         for (int64_t s = 0; s < k; ++s) {
           ids[s] = dest[s] == d ? map_.local_id(d, req.topk_ids.row<int32_t>(t)[s], key) : -1;
           w[s] = req.weight_on_input ? 1.0f : req.topk_weights.row<float>(t)[s];
         }
+        std::memcpy(r, ids.data(), k * 4);
+        std::memcpy(r + k * 4, w.data(), k * 4);
+        if (row.scale) std::memcpy(r + 8 * k, a_local.scale_row(t), row.scale);
+        std::memcpy(r + 8 * k + row.scale, a_local.codes(t), row.codes);
       }
     }
     const int64_t T = detail::Counts::total(bytes.recv) / rec;
     char* in = static_cast<char*>(ws.take_bytes(T * rec));
     comm_->all_to_all_v(out, bytes.send, in, bytes.recv);
 
+    const detail::ActivationRows a1 = detail::take_rows(req.spec, T, H, a_local.scale.scale, ws);
     DispatchedBatch b;
-    b.a1 = ws.take(req.spec.dtype, {T, H});
+    b.a1 = a1.a1;
+    b.a1_scale = a1.scale;
     b.topk_ids = ws.take(DType::kI32, {T, k});
     b.topk_weights = ws.take(DType::kF32, {T, k});
     for (int64_t i = 0; i < T; ++i) {
       const char* r = in + i * rec;
-      std::memcpy(b.a1.row<char>(0) + i * H * elt, r, H * elt);
-      std::memcpy(b.topk_ids.row<int32_t>(i), r + H * elt, k * 4);
-      std::memcpy(b.topk_weights.row<float>(i), r + H * elt + k * 4, k * 4);
+      std::memcpy(b.topk_ids.row<int32_t>(i), r, k * 4);
+      std::memcpy(b.topk_weights.row<float>(i), r + k * 4, k * 4);
+      if (row.scale) std::memcpy(a1.scale_row(i), r + 8 * k, row.scale);
+      std::memcpy(a1.codes(i), r + 8 * k + row.scale, row.codes);
     }
     local_ids_ = b.topk_ids;
-    count_dispatch(detail::Counts::total(bytes.send) - bytes.send[rank()], start);
+    count_dispatch(sent + detail::Counts::total(bytes.send) - bytes.send[rank()], start);
     return b;
   }
 
@@ -151,8 +163,9 @@ class AllToAllPrepareFinalize final : public detail::EpPrepareFinalize {
   }
 
  private:
-  static int64_t record_bytes(int64_t H, int64_t k, int64_t elt) {
-    return round_up(H * elt + 8 * k, 16);
+  // One token's record: its routing (8 bytes a slot) and its row (codes + scale row).
+  static int64_t record_bytes(int64_t row_bytes, int64_t k) {
+    return round_up(8 * k + row_bytes, 16);
   }
 
   TensorView dest_;                 // [M, k] serving rank per (token, slot), -1 padding

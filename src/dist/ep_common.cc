@@ -1,5 +1,6 @@
 #include "dist/ep_common.h"
 
+#include <cmath>
 #include <functional>
 
 #include "modular/dispatch_util.h"
@@ -40,6 +41,21 @@ std::optional<std::string> EpPrepareFinalize::can_implement(const MoEProblem& p)
     return e.message();
   }
   return std::nullopt;
+}
+
+std::optional<std::string> EpPrepareFinalize::can_dispatch(const ActivationSpec& spec) const {
+  return host_dispatch_refusal(spec);
+}
+
+AmaxAgreement EpPrepareFinalize::agreed_amax(int64_t* sent) {
+  return [this, sent](float amax) {
+    const std::vector<float> all = comm_->all_gather(amax);
+    *sent += static_cast<int64_t>(sizeof(float)) * (comm_->size() - 1);
+    float m = all[0];
+    for (float v : all)
+      if (std::isnan(v) || v > m) m = v;  // a NaN anywhere reaches every rank's scale
+    return m;
+  };
 }
 
 }  // namespace detail

@@ -3,6 +3,7 @@
 
 #include <chrono>
 
+#include "modular/dispatch_util.h"
 #include "moekit/dist/ep.h"
 
 namespace moekit::detail {
@@ -27,8 +28,17 @@ class EpPrepareFinalize : public DistributedPrepareFinalize {
   int64_t max_dispatched_tokens(const MoEProblem& p) const override {
     return p.tokens * comm_->size();
   }
+  // Quantized activations move with their scales: per-token and per-block scale rows travel
+  // with their rows, a per-tensor scale is one scalar every rank holds (see agreed_amax).
+  std::optional<std::string> can_dispatch(const ActivationSpec& spec) const override;
 
  protected:
+  // A dynamic per-tensor scale: the ranks all-gather their amax (one float each) and take the
+  // max, and every rank quantizes with tensor_scale_of_amax of it as a static scale, so one
+  // scalar covers the rows of every rank and never travels with them. Every rank's prepare calls
+  // it once (ranks without rows too); the bytes sent are added to *sent.
+  detail::AmaxAgreement agreed_amax(int64_t* sent);
+
   using Clock = std::chrono::steady_clock;
   // Stats of one prepare / finalize that began at `start` and sent `bytes` to other ranks.
   void count_dispatch(int64_t bytes, Clock::time_point start) {

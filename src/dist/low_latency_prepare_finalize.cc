@@ -1,8 +1,9 @@
 // Low-latency EP (batched format). Every exchange has a size fixed at construction: rank r
 // sends rank d one slab holding, for each of d's local experts, a count and max_tokens_per_rank
-// rows. The receiver compacts the slabs expert by expert into [E_local, ranks * max, H]; results
-// go back in slabs of the same shape, and the owner knows where each (token, slot) landed
-// because it chose the position itself. No counts are exchanged on the host.
+// rows (codes, then their scale rows). The receiver compacts the slabs expert by expert into
+// [E_local, ranks * max, H] (scale rows alike); results go back in slabs of the same shape, and
+// the owner knows where each (token, slot) landed because it chose the position itself. No
+// counts are exchanged on the host.
 #include <cstring>
 
 #include "dist/ep_common.h"
@@ -37,16 +38,17 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
   size_t workspace_size(const MoEProblem& p) const override {
     const int64_t M = std::min(max_, p.tokens), H = p.hidden, k = p.top_k, R = comm_->size();
     const int64_t El = map_.num_local(rank()), rows = El * rows_per_expert();
-    // a_local; (dest, local, pos) [M, k] x3; slabs out/in (activations <= 4 B); a1; counts;
+    const int64_t row = detail::max_row_bytes(p);
+    // a_local (+ scales); (dest, local, pos) [M, k] x3; slabs out/in; a1 (+ scales); counts;
     // result slabs out/in (fp32); combined [M, k, H].
     size_t slabs_out = 0, results_in = 0;
     for (int d = 0; d < R; ++d) {
-      slabs_out += slab_bytes(d, H, 4);
+      slabs_out += slab_bytes(d, row);
       results_in += map_.num_local(d) * max_ * H * 4;
     }
-    return Workspace::aligned(M * H * 4) + 3 * Workspace::aligned(M * k * 4) +
-           Workspace::aligned(slabs_out) + R * Workspace::aligned(slab_bytes(rank(), H, 4)) +
-           Workspace::aligned(rows * H * 4) + Workspace::aligned(El * 4) +
+    return detail::prepare_activations_workspace(p, M) + 3 * Workspace::aligned(M * k * 4) +
+           Workspace::aligned(slabs_out) + R * Workspace::aligned(slab_bytes(rank(), row)) +
+           detail::rows_workspace(p, rows) + Workspace::aligned(El * 4) +
            Workspace::aligned(R * El * max_ * H * 4) + Workspace::aligned(results_in) +
            Workspace::aligned(M * k * H * 4);
   }
@@ -61,11 +63,12 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
     const auto start = Clock::now();
     const int R = comm_->size();
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
-    const int64_t elt = element_bytes(req.spec.dtype);
-    const TensorView a_local = detail::activations_for_experts(req, ws);
+    int64_t sent = 0;
+    const detail::ActivationRows a_local = detail::prepare_activations(req, ws, agreed_amax(&sent));
+    const detail::RowBytes row = a_local.bytes;
     // Slab of each destination, zeroed counts, and where each (token, slot) goes.
-    std::vector<size_t> out_bytes(R), in_bytes(R, slab_bytes(rank(), H, elt));
-    for (int d = 0; d < R; ++d) out_bytes[d] = slab_bytes(d, H, elt);
+    std::vector<size_t> out_bytes(R), in_bytes(R, slab_bytes(rank(), row.total()));
+    for (int d = 0; d < R; ++d) out_bytes[d] = slab_bytes(d, row.total());
     std::vector<char*> slab(R, static_cast<char*>(ws.take_bytes(detail::Counts::total(out_bytes))));
     for (int d = 0; d < R; ++d) {
       if (d) slab[d] = slab[d - 1] + out_bytes[d - 1];
@@ -87,33 +90,39 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
                      " twice in its top-k; low-latency slabs hold one row per token and expert");
         local_.row<int32_t>(t)[s] = le;
         pos_.row<int32_t>(t)[s] = j;
-        std::memcpy(slab_row(slab[d], d, le, j, H, elt), a_local.row<char>(0) + t * H * elt,
-                    H * elt);
+        const SlabRows to = slab_rows(slab[d], d, row);
+        std::memcpy(to.codes(le, j), a_local.codes(t), row.codes);
+        if (row.scale) std::memcpy(to.scale(le, j), a_local.scale_row(t), row.scale);
       }
     }
     char* in = static_cast<char*>(ws.take_bytes(in_bytes[0] * R));
     comm_->all_to_all_v(slab[0], out_bytes, in, in_bytes);
 
-    // Compact: expert e's rows from rank 0, then rank 1, ...
+    // Compact: expert e's rows (and scale rows) from rank 0, then rank 1, ... A per-tensor scale
+    // is the same on every rank and stays.
     const int64_t El = map_.num_local(rank()), N = rows_per_expert();
+    const detail::ActivationRows a1 =
+        detail::take_rows(req.spec, El * N, H, a_local.scale.scale, ws);
     DispatchedBatch b;
     b.format = ActivationFormat::kBatched;
-    b.a1 = ws.take(req.spec.dtype, {El, N, H});
+    b.a1 = a1.a1.reshaped({El, N, H});
+    b.a1_scale = a1.scale;  // rows as a1's, flattened: [El * N] or [El * N, ceil(H / group)]
     b.expert_num_tokens = ws.take(DType::kI32, {El});
     from_.assign(R * El, 0);
     for (int64_t e = 0; e < El; ++e) {
       int32_t n = 0;
       for (int src = 0; src < R; ++src) {
         const char* s = in + src * in_bytes[0];
+        const SlabRows from = slab_rows(s, rank(), row);
         const int32_t c = reinterpret_cast<const int32_t*>(s)[e];
         from_[src * El + e] = c;
-        std::memcpy(b.a1.row<char>(0) + (e * N + n) * H * elt, slab_row(s, rank(), e, 0, H, elt),
-                    c * H * elt);
+        std::memcpy(a1.codes(e * N + n), from.codes(e, 0), c * row.codes);
+        if (row.scale) std::memcpy(a1.scale_row(e * N + n), from.scale(e, 0), c * row.scale);
         n += c;
       }
       b.expert_num_tokens.ptr<int32_t>()[e] = n;
     }
-    count_dispatch(detail::Counts::total(out_bytes) - out_bytes[rank()], start);
+    count_dispatch(sent + detail::Counts::total(out_bytes) - out_bytes[rank()], start);
     return b;
   }
 
@@ -155,13 +164,22 @@ class LowLatencyPrepareFinalize final : public detail::EpPrepareFinalize {
 
  private:
   int64_t rows_per_expert() const { return comm_->size() * max_; }
-  // Slab for rank d: int32 counts [E_local(d)] padded to 64 B, then [E_local(d), max, H] rows.
+  // Slab for rank d: int32 counts [E_local(d)] padded to 64 B, then the codes [E_local(d), max,
+  // codes] and the scale rows [E_local(d), max, scale] of its rows.
   int64_t counts_bytes(int d) const { return Workspace::aligned(map_.num_local(d) * 4); }
-  int64_t slab_bytes(int d, int64_t H, int64_t elt) const {
-    return counts_bytes(d) + map_.num_local(d) * max_ * H * elt;
+  int64_t slab_bytes(int d, int64_t row_bytes) const {
+    return counts_bytes(d) + map_.num_local(d) * max_ * row_bytes;
   }
-  char* slab_row(const char* slab, int d, int64_t e, int64_t j, int64_t H, int64_t elt) const {
-    return const_cast<char*>(slab) + counts_bytes(d) + (e * max_ + j) * H * elt;
+  struct SlabRows {
+    char *codes_base, *scale_base;
+    int64_t max;
+    detail::RowBytes row;
+    char* codes(int64_t e, int64_t j) const { return codes_base + (e * max + j) * row.codes; }
+    char* scale(int64_t e, int64_t j) const { return scale_base + (e * max + j) * row.scale; }
+  };
+  SlabRows slab_rows(const char* slab, int d, detail::RowBytes row) const {
+    char* codes = const_cast<char*>(slab) + counts_bytes(d);
+    return {codes, codes + map_.num_local(d) * max_ * row.codes, max_, row};
   }
 
   int64_t max_;

@@ -1,5 +1,6 @@
-// Naive DP/EP: all-gather tokens, ids and weights; every rank runs its local experts over the
-// whole gathered batch; weight-and-reduce into fp32 partials; reduce-scatter back to the owners.
+// Naive DP/EP: all-gather tokens (codes and their scale rows), ids and weights; every rank runs
+// its local experts over the whole gathered batch; weight-and-reduce into fp32 partials;
+// reduce-scatter back to the owners.
 #include "dist/ep_common.h"
 #include "modular/dispatch_util.h"
 
@@ -14,9 +15,10 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
 
   size_t workspace_size(const MoEProblem& p) const override {
     const int64_t M = p.tokens, T = max_dispatched_tokens(p), H = p.hidden, k = p.top_k;
-    // a_local [M, H] + a1 [T, H] (<= 4 B each) + ids/weights to send [M, k] x2 + gathered
-    // ids/weights, local ids, dispatched weights [T, k] x4 + partial [T, H] + recv [M, H] fp32.
-    return Workspace::aligned(M * H * 4) + Workspace::aligned(T * H * 4) +
+    // a_local [M, H] (+ scales) + a1 [T, H] (+ scales) + ids/weights to send [M, k] x2 +
+    // gathered ids/weights, local ids, dispatched weights [T, k] x4 + partial [T, H] + recv
+    // [M, H] fp32.
+    return detail::prepare_activations_workspace(p, M) + detail::rows_workspace(p, T) +
            2 * Workspace::aligned(M * k * 4) + 4 * Workspace::aligned(T * k * 4) +
            Workspace::aligned(T * H * 4) + Workspace::aligned(M * H * 4);
   }
@@ -29,7 +31,8 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
     total_ = 0;
     for (const Header& h : headers_) total_ += h.rows;
 
-    const TensorView a_local = detail::activations_for_experts(req, ws);
+    int64_t sent = 0;
+    const detail::ActivationRows a_local = detail::prepare_activations(req, ws, agreed_amax(&sent));
     // Contiguous copies of the caller's routing to send.
     const TensorView ids_send = ws.take(DType::kI32, {M, k}), w_send = ws.take(DType::kF32, {M, k});
     for (int64_t t = 0; t < M; ++t)
@@ -38,14 +41,20 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
         w_send.row<float>(t)[s] = req.topk_weights.row<float>(t)[s];
       }
 
-    DispatchedBatch b;
-    b.a1 = ws.take(req.spec.dtype, {total_, H});
+    // Codes and their scale rows travel as two gathers; a per-tensor scale is the same on
+    // every rank (agreed or static) and stays.
+    const detail::ActivationRows a1 =
+        detail::take_rows(req.spec, total_, H, a_local.scale.scale, ws);
     ids_ = ws.take(DType::kI32, {total_, k});
     weights_ = ws.take(DType::kF32, {total_, k});
-    gather_rows(a_local.data, H * element_bytes(req.spec.dtype), b.a1.data);
+    gather_rows(a_local.codes(0), a1.bytes.codes, a1.codes(0));
+    if (a1.bytes.scale) gather_rows(a_local.scale_row(0), a1.bytes.scale, a1.scale_row(0));
     gather_rows(ids_send.data, k * 4, ids_.data);
     gather_rows(w_send.data, k * 4, weights_.data);
 
+    DispatchedBatch b;
+    b.a1 = a1.a1;
+    b.a1_scale = a1.scale;
     b.topk_ids = ws.take(DType::kI32, {total_, k});
     b.topk_weights = ws.take(DType::kF32, {total_, k});
     int64_t row = 0;
@@ -59,7 +68,7 @@ class NaivePrepareFinalize final : public detail::EpPrepareFinalize {
               req.weight_on_input ? 1.0f : weights_.row<float>(row)[s];
         }
       }
-    count_dispatch((R - 1) * M * (H * element_bytes(req.spec.dtype) + 8 * k), start);
+    count_dispatch(sent + (R - 1) * M * (a1.bytes.total() + 8 * k), start);
     return b;
   }
 

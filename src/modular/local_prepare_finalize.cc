@@ -1,6 +1,7 @@
 // Single-rank PrepareFinalize: no communication. prepare maps global ids to this rank's local
-// ids through the expert map and converts x to the experts' activation dtype; finalize runs
-// weight-and-reduce with the caller's routing.
+// ids through the expert map and converts or quantizes x into the experts' activation spec (a
+// dynamic per-tensor scale covers the rows of this call); finalize runs weight-and-reduce with
+// the caller's routing.
 #include <cstring>
 
 #include "modular/dispatch_util.h"
@@ -29,10 +30,14 @@ class LocalPrepareFinalize final : public PrepareFinalize {
 
   int64_t max_dispatched_tokens(const MoEProblem& p) const override { return p.tokens; }
 
+  std::optional<std::string> can_dispatch(const ActivationSpec& spec) const override {
+    return detail::host_dispatch_refusal(spec);
+  }
+
   size_t workspace_size(const MoEProblem& p) const override {
-    // a1 copy [M, H] (conversion, weight on input, or strided x) + ids [M, k] + weights [M, k].
+    // a1 [M, H] (conversion, weight on input, quantization) + ids [M, k] + weights [M, k].
     const int64_t M = p.tokens;
-    return Workspace::aligned(M * p.hidden * 4) + 2 * Workspace::aligned(M * p.top_k * 4);
+    return detail::prepare_activations_workspace(p, M) + 2 * Workspace::aligned(M * p.top_k * 4);
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws, const ExecContext&) override {
@@ -52,7 +57,9 @@ class LocalPrepareFinalize final : public PrepareFinalize {
         lw[s] = req.weight_on_input ? 1.0f : w[s];
       }
     }
-    b.a1 = detail::activations_for_experts(req, ws);
+    const detail::ActivationRows a = detail::prepare_activations(req, ws);
+    b.a1 = a.a1;
+    b.a1_scale = a.scale;
     return b;
   }
 

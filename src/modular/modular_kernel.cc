@@ -3,6 +3,7 @@
 // batch in chunks so the workspace is sized by chunk_tokens alone (contract 6).
 #include <algorithm>
 
+#include "modular/dispatch_util.h"
 #include "moekit/modular.h"
 
 namespace moekit {
@@ -74,8 +75,16 @@ std::optional<std::string> ModularKernel::check_compatible(const PrepareFinalize
     return ex + " holds " + std::to_string(experts.info().num_local_experts) +
            " experts but the expert map " + map.str() + " places " + std::to_string(local) +
            " on rank " + std::to_string(pf.rank());
-  if (auto r = pf.can_dispatch(experts.activation_spec()))
-    return pfn + " cannot feed " + ex + ": " + *r;
+  const ActivationSpec spec = experts.activation_spec();
+  if (auto r = pf.can_dispatch(spec)) return pfn + " cannot feed " + ex + ": " + *r;
+  // Scaled activations are laid out as the experts' format says (DESIGN.md 4): prepare/finalize
+  // size their workspaces and exchanges from the format.
+  const ActivationSpec format = ActivationSpec::of(experts.info().quant);
+  if (spec.scale != ScaleKind::kNone &&
+      (spec.dtype != format.dtype || spec.scale != format.scale || spec.group != format.group ||
+       spec.scale_dtype != format.scale_dtype))
+    return ex + " asks for " + detail::describe(spec) + " activations, but its format " +
+           experts.info().quant.str() + " has " + detail::describe(format) + " ones";
   if (auto r = pf.can_combine(experts.weight_application()))
     return pfn + " cannot combine " + ex + " (top-k weights " +
            std::string(name(experts.weight_application())) + "): " + *r;

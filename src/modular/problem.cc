@@ -176,10 +176,12 @@ std::optional<std::string> validate_weights(const ExpertWeights& w, const Activa
   return std::nullopt;
 }
 
+// The default of a prepare/finalize that does not quantize (the host ones override it with the
+// checks of detail::host_dispatch_refusal): refusing here keeps a scale from being dropped.
 std::optional<std::string> PrepareFinalize::can_dispatch(const ActivationSpec& spec) const {
   if (spec.scale != ScaleKind::kNone || !traits(spec.dtype).is_float)
     return "quantized activations (" + std::string(moekit::name(spec.dtype)) +
-           " with a typed scale) are not dispatched by this prepare/finalize";
+           " with a typed scale) are not produced by this prepare/finalize (it does not quantize)";
   return std::nullopt;
 }
 

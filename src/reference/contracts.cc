@@ -1,5 +1,6 @@
 // check.h, part 2: placements, the registry, and the contract suite's runner.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -200,20 +201,26 @@ std::vector<int64_t> split_rows(int64_t total, int ranks) {
 std::string CheckCase::name() const {
   return detail::concat(experts, "/", prepare_finalize, "/", check::name(placement), " x", ranks,
                         "/", moekit::name(routing), "/", activation.str(), bias ? "/bias" : "", "/",
-                        moekit::name(dtype));
+                        format.is_float() ? std::string(moekit::name(dtype)) : format.str());
 }
 
 std::string CaseResult::str() const {
+  if (not_applicable) return detail::concat("N/A ", kase.name(), " M=", tokens, ": ", detail);
   if (!passed) return detail::concat("FAIL ", kase.name(), " M=", tokens, ": ", detail);
   return detail::concat("PASS ", kase.name(), " M=", tokens, ": max err ", max_err, " (bound ",
                         bound, ")");
 }
 
 size_t CheckReport::passed() const {
-  return std::count_if(results.begin(), results.end(), [](const auto& r) { return r.passed; });
+  return std::count_if(results.begin(), results.end(),
+                       [](const auto& r) { return r.passed && !r.not_applicable; });
 }
 size_t CheckReport::failed() const {
-  return results.size() - passed();
+  return std::count_if(results.begin(), results.end(), [](const auto& r) { return !r.passed; });
+}
+size_t CheckReport::not_applicable() const {
+  return std::count_if(results.begin(), results.end(),
+                       [](const auto& r) { return r.not_applicable; });
 }
 
 namespace {
@@ -238,8 +245,18 @@ std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
   for (RoutingMethod m : o.routing)
     if (auto r = router_config(m, o.num_experts, o.top_k).validate())
       MOEKIT_FAIL("check: routing ", moekit::name(m), ": ", *r);
+  // (format, x and y dtype): the float formats of `dtypes`, then `formats`.
+  std::vector<std::pair<QuantScheme, DType>> formats;
+  for (DType dtype : o.dtypes) formats.push_back({QuantScheme{float_format(dtype)}, dtype});
+  for (const QuantScheme& f : o.formats) {
+    if (auto why = f.validate()) MOEKIT_FAIL("check: format ", f.str(), ": ", *why);
+    MOEKIT_CHECK(!f.static_act, "check: format ", f.str(),
+                 ": a static activation scale reaches experts at their construction, which the "
+                 "registry does not carry");
+    formats.push_back({f, f.is_float() ? f.weight_dtype() : DType::kBF16});
+  }
   std::vector<CheckCase> cases;
-  for (DType dtype : o.dtypes)
+  for (const auto& [format, dtype] : formats)
     for (const Activation& act : o.activations)
       for (bool bias : o.biases)
         for (RoutingMethod routing : o.routing)
@@ -249,7 +266,7 @@ std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
               for (const std::string& e : experts)
                 for (const std::string& pf : pfs)
                   if (applies(pf, ranks))
-                    cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype});
+                    cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype, format});
             }
   return cases;
 }
@@ -266,7 +283,7 @@ struct CaseKernels {
   bool bit_exact = false;                 // the distributed output must equal `single` bit for bit
 };
 
-// Keeps the first failure and the comparison closest to its bound.
+// Keeps the first failure and the row comparison closest to its bound.
 class Verdict {
  public:
   explicit Verdict(CaseResult& r) : r_(r) { r_.passed = true; }
@@ -274,7 +291,7 @@ class Verdict {
     const double ratio = c.bound > 0 ? c.max_err / c.bound
                          : c.ok()    ? 0
                                      : std::numeric_limits<double>::infinity();
-    if (ratio > worst_) {
+    if (ratio > worst_ && !c.systematic) {
       worst_ = ratio;
       r_.max_err = c.max_err;
       r_.bound = c.bound;
@@ -284,11 +301,53 @@ class Verdict {
       r_.detail = what + ": " + c.str();
     }
   }
+  // A kernel's output against the oracle: within the row bound and, for formats with quantized
+  // activations, without a systematic error.
+  void add_vs_oracle(const std::string& what, const CheckCase& c, int ranks, const TensorView& got,
+                     const TensorView& want, double bound) {
+    add(what, compare_rows(got, want, bound));
+    if (const auto s = systematic_error_bound(c.format, c.dtype, ranks))
+      add(what + " (systematic)", compare_systematic(got, want, *s));
+  }
 
  private:
   CaseResult& r_;
   double worst_ = -1;
 };
+
+// Formats with per-tensor activation scales: kernels run all tokens in one round
+// (CheckOptions::chunk_tokens) -- a dynamic a1 scale covers the rows of a round, and the
+// intermediate's scale the rows of an Experts::apply call (intermediate_spec).
+bool one_round(const QuantScheme& format) {
+  return ActivationSpec::of(format).scale == ScaleKind::kTensor;
+}
+bool per_call_intermediate(const QuantScheme& format) {
+  return intermediate_spec(format).scale == ScaleKind::kTensor;
+}
+
+// Element-wise sum (in double) of [M, H] fp32 tensors.
+Tensor sum_of(const std::vector<Tensor>& parts) {
+  Tensor s(DType::kF32, {parts.front().size(0), parts.front().size(1)});
+  for (int64_t i = 0; i < s.numel(); ++i) {
+    double v = 0;
+    for (const Tensor& p : parts) v += p.data<float>()[i];
+    s.data<float>()[i] = static_cast<float>(v);
+  }
+  return s;
+}
+int64_t max_tokens_of(const CheckOptions& o) {
+  int64_t m = 1;
+  for (int64_t M : o.tokens) m = std::max(m, M);
+  return m;
+}
+
+// Experts refuse a format they do not compute with a moekit::Error that says "format".
+bool mentions_format(std::string_view message) {
+  std::string lower(message);
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return lower.find("format") != std::string::npos;
+}
 
 Tensor run_kernel(ModularKernel& kernel, const Tensor& x, const Routing& rt, int64_t key_offset) {
   Tensor y(x.dtype(), {x.size(0), x.size(1)});
@@ -316,8 +375,7 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
   const int64_t M = result.tokens, H = o.hidden, I = o.intermediate;
   const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
   const Routing rt = make_random_routing(rc, M, mix_seed(seed, uint64_t(M)), o.padding_period);
-  Tensor x(c.dtype, {M, H});
-  fill_uniform(x, mix_seed(seed, ~uint64_t(M)), -3.0, 3.0);
+  const Tensor x = make_activations(c.format, c.dtype, M, H, mix_seed(seed, ~uint64_t(M)));
   const bool woi = rt.weight_on_input;
   const int R = c.ranks;
   Verdict verdict(result);
@@ -326,12 +384,15 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
   for (int r = 0; r < R; ++r) {
     share[r] = reference(w, c.activation, x, rt, &map, r, o.token_key_offset);
     y[r] = run_kernel(*kernels.ranks[r], x, rt, o.token_key_offset);
-    verdict.add(detail::concat("rank ", r, " of ", map.str(), " vs the oracle's share"),
-                compare_rows(y[r], share[r], error_bound(c.dtype, 1, woi, H, I)));
+    verdict.add_vs_oracle(detail::concat("rank ", r, " of ", map.str(), " vs the oracle's share"),
+                          c, 1, y[r], share[r], error_bound(c.format, c.dtype, 1, woi, H, I));
   }
   if (R == 1) return;  // its share is the whole layer
 
   const Tensor whole = reference(w, c.activation, x, rt, nullptr, 0, o.token_key_offset);
+  // A per-tensor intermediate scale covers each rank's call: the ranks add up to the sum of the
+  // oracle's shares, not to the whole layer (whose one call covers every pair).
+  const bool per_call = per_call_intermediate(c.format);
 
   // The ranks' outputs summed in double; the row scale is the largest sum of |share| so that
   // each rank's own rounding is measured against what it rounded.
@@ -347,12 +408,17 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
       sum.data<float>()[t * H + i] = static_cast<float>(s);
       scale[t] = std::max(scale[t], mag);
     }
-  const double bound_r = error_bound(c.dtype, R, woi, H, I),
-               bound_1 = error_bound(c.dtype, 1, woi, H, I);
-  verdict.add(detail::concat("sum of the ", R, " ranks vs the whole layer"),
-              compare_rows(sum, whole, bound_r, scale));
+  const double bound_r = error_bound(c.format, c.dtype, R, woi, H, I),
+               bound_1 = error_bound(c.format, c.dtype, 1, woi, H, I);
+  if (per_call)
+    verdict.add(detail::concat("sum of the ", R, " ranks vs the sum of the oracle's shares"),
+                compare_rows(sum, sum_of(share), bound_r, scale));
+  else
+    verdict.add(detail::concat("sum of the ", R, " ranks vs the whole layer"),
+                compare_rows(sum, whole, bound_r, scale));
   const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
-  verdict.add("linear(E, 1) vs the whole layer", compare_rows(single, whole, bound_1));
+  verdict.add_vs_oracle("linear(E, 1) vs the whole layer", c, 1, single, whole, bound_1);
+  if (per_call) return;  // the ranks' intermediates are other batches than linear(E, 1)'s
   // With k = 1 every row comes from one rank, the others add exact zeros: batch-invariant
   // experts must then reproduce the single-rank result bit for bit.
   if (exact_split)
@@ -364,14 +430,16 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
 }
 
 // One MPI rank's share of a distributed case: its rows (split_rows) through the EP kernel must
-// match the single-rank kernel on the whole batch and the oracle.
+// match the single-rank kernel on the whole batch and the oracle (for a per-tensor
+// intermediate scale, the sum of the oracle's shares of the ranks, each rank's call covering
+// the pairs it serves).
 void run_tokens_distributed(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
-                            const LayerWeights& w, uint64_t seed, CaseResult& result) {
+                            const LayerWeights& w, const ExpertMap& map, uint64_t seed,
+                            CaseResult& result) {
   const int64_t M = result.tokens, H = o.hidden, I = o.intermediate;
   const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
   const Routing rt = make_random_routing(rc, M, mix_seed(seed, uint64_t(M)), o.padding_period);
-  Tensor x(c.dtype, {M, H});
-  fill_uniform(x, mix_seed(seed, ~uint64_t(M)), -3.0, 3.0);
+  const Tensor x = make_activations(c.format, c.dtype, M, H, mix_seed(seed, ~uint64_t(M)));
   const int me = o.communicator->rank();
   const std::vector<int64_t> rows = split_rows(M, c.ranks);
   int64_t begin = 0;
@@ -383,12 +451,19 @@ void run_tokens_distributed(const CheckCase& c, const CheckOptions& o, CaseKerne
   kernels.ranks[0]->forward({x.view().slice0(begin, end), rt.topk_ids.view().slice0(begin, end),
                              rt.topk_weights.view().slice0(begin, end), y.view(),
                              rt.weight_on_input, o.token_key_offset + begin});
-  const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
-  const Tensor whole = reference(w, c.activation, x, rt, nullptr, 0, o.token_key_offset);
-  const double bound = error_bound(c.dtype, c.ranks, rt.weight_on_input, H, I);
+  const bool per_call = per_call_intermediate(c.format);
+  std::vector<Tensor> shares;
+  for (int r = 0; per_call && r < c.ranks; ++r)
+    shares.push_back(reference(w, c.activation, x, rt, &map, r, o.token_key_offset));
+  const Tensor whole = per_call ? sum_of(shares)
+                                : reference(w, c.activation, x, rt, nullptr, 0, o.token_key_offset);
+  const double bound = error_bound(c.format, c.dtype, c.ranks, rt.weight_on_input, H, I);
   Verdict verdict(result);
-  verdict.add(detail::concat("rank ", me, "'s rows [", begin, ", ", end, ") vs the oracle"),
-              compare_rows(y, whole.view().slice0(begin, end), bound));
+  verdict.add_vs_oracle(
+      detail::concat("rank ", me, "'s rows [", begin, ", ", end, ") vs the oracle"), c, c.ranks, y,
+      whole.view().slice0(begin, end), bound);
+  if (per_call) return;  // linear(E, 1)'s intermediate is another batch than the ranks'
+  const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
   if (kernels.bit_exact)
     verdict.add(detail::concat("rank ", me, " vs linear(E, 1) (must be bit-exact)"),
                 compare_bits(y, single.view().slice0(begin, end)));
@@ -411,41 +486,72 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
   std::optional<ExpertMap> map;
   CaseKernels kernels;
   bool exact_split = false;
+  std::string refusal;  // the experts' refusal of the case's format
   try {
     const std::vector<ExpertsEntry> entries = all_experts(o);
     const ExpertsEntry& ee = find_entry(entries, c.experts, "experts");
     const std::vector<PrepareFinalizeEntry> registry = prepare_finalize_registry();
     const PrepareFinalizeEntry& pe = find_entry(registry, c.prepare_finalize, "prepare/finalize");
+    const PrepareFinalizeEntry& local = find_entry(registry, "local", "prepare/finalize");
     const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
-    weights = make_random_weights(o.num_experts, o.hidden, o.intermediate, c.activation, c.dtype,
+    weights = make_random_weights(o.num_experts, o.hidden, o.intermediate, c.activation, c.format,
                                   c.bias, seed);
     map = make_placement(c.placement, o.num_experts, c.ranks, seed);
-    exact_split = ee.batch_invariant && rc.top_k == 1;
+    exact_split = ee.batch_invariant && rc.top_k == 1 && !per_call_intermediate(c.format);
     auto wr = make_cpu_weight_and_reduce(o.threads);
     // The most rows one rank passes to forward: what low-latency slabs (and its one round) hold.
     int64_t max_tokens = 1;
     for (int64_t M : o.tokens)
       for (int64_t rows : split_rows(M, c.ranks)) max_tokens = std::max(max_tokens, rows);
+    const int64_t chunk = one_round(c.format) ? max_tokens_of(o) : o.chunk_tokens;
     auto comm = o.communicator ? o.communicator : make_single_communicator();
-    auto build = [&](const PrepareFinalizeEntry& entry, const ExpertMap& m, int rank) {
-      auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr, max_tokens);
-      auto experts =
-          ee.make(ExpertWeights::local_view(weights.view(), m, rank), c.activation, o.threads);
-      const bool batched = pf->activation_format() == ActivationFormat::kBatched;
-      if (batched) experts = make_batched_experts(experts);
-      const KernelConfig kc{rc.top_k, c.dtype, batched ? max_tokens : o.chunk_tokens};
-      return std::make_unique<ModularKernel>(pf, experts, wr, kc);
+    // The experts of every kernel first: a refusal of the format makes the case not applicable
+    // (on every rank of an MPI job, agreed before any kernel's collective construction).
+    auto make_experts = [&](const ExpertMap& m, int rank) -> std::shared_ptr<Experts> {
+      try {
+        return ee.make(ExpertWeights::local_view(weights.view(), m, rank), c.activation,
+                       o.threads);
+      } catch (const Error& e) {
+        if (!mentions_format(e.message())) throw;
+        refusal = e.message();
+        return nullptr;
+      }
     };
-    const PrepareFinalizeEntry& local = find_entry(registry, "local", "prepare/finalize");
+    const ExpertMap single_map = ExpertMap::linear(o.num_experts, 1);
+    std::vector<int> kernel_ranks;
+    for (int r = 0; r < c.ranks; ++r)
+      if (!o.communicator || r == o.communicator->rank()) kernel_ranks.push_back(r);
+    std::vector<std::shared_ptr<Experts>> experts;
+    for (int r : kernel_ranks) experts.push_back(make_experts(*map, r));
+    const bool single = o.communicator || c.ranks > 1;
+    std::shared_ptr<Experts> single_experts = single ? make_experts(single_map, 0) : nullptr;
     if (o.communicator) {
-      kernels.ranks.push_back(build(pe, *map, o.communicator->rank()));
-      kernels.single = build(local, ExpertMap::linear(o.num_experts, 1), 0);
-      // Naive EP sums per-rank partials; the others reduce every token's slots on its owner.
-      kernels.bit_exact = ee.batch_invariant && c.prepare_finalize != "naive";
-    } else {
-      for (int r = 0; r < c.ranks; ++r) kernels.ranks.push_back(build(pe, *map, r));
-      if (c.ranks > 1) kernels.single = build(local, ExpertMap::linear(o.num_experts, 1), 0);
+      int refused_ranks = 0;
+      for (int refused : o.communicator->all_gather(int(!refusal.empty())))
+        refused_ranks += refused;
+      if (refused_ranks && refusal.empty()) refusal = "another rank's experts refused the format";
     }
+    if (!refusal.empty()) {
+      for (CaseResult& r : results) {
+        r.passed = r.not_applicable = true;
+        r.detail = "the experts refuse the format: " + refusal;
+      }
+      return results;
+    }
+    auto build = [&](const PrepareFinalizeEntry& entry, const ExpertMap& m, int rank,
+                     std::shared_ptr<Experts> ex) {
+      auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr, max_tokens);
+      const bool batched = pf->activation_format() == ActivationFormat::kBatched;
+      if (batched) ex = make_batched_experts(ex);
+      const KernelConfig kc{rc.top_k, c.dtype, batched ? max_tokens : chunk};
+      return std::make_unique<ModularKernel>(pf, ex, wr, kc);
+    };
+    for (size_t i = 0; i < kernel_ranks.size(); ++i)
+      kernels.ranks.push_back(build(pe, *map, kernel_ranks[i], experts[i]));
+    if (single) kernels.single = build(local, single_map, 0, single_experts);
+    // Naive EP sums per-rank partials; the others reduce every token's slots on its owner.
+    kernels.bit_exact = ee.batch_invariant && c.prepare_finalize != "naive" &&
+                        !per_call_intermediate(c.format);
   } catch (const std::exception& e) {
     for (CaseResult& r : results) r.detail = std::string("setup threw: ") + e.what();
     return results;
@@ -453,7 +559,7 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
   for (CaseResult& r : results) {
     try {
       if (o.communicator)
-        run_tokens_distributed(c, o, kernels, weights, seed, r);
+        run_tokens_distributed(c, o, kernels, weights, *map, seed, r);
       else
         run_tokens(c, o, kernels, weights, *map, exact_split, seed, r);
     } catch (const std::exception& e) {

@@ -1,11 +1,15 @@
 // Expert parallelism across real MPI ranks (run by CTest under mpiexec with 2 and 4 ranks):
-// every EP PrepareFinalize x experts x placement x routing must equal the single-rank layer,
-// bit for bit where the arithmetic is the same, and the oracle within the dtype bound.
+// every EP PrepareFinalize x experts x placement x routing x format must equal the single-rank
+// layer, bit for bit where the arithmetic is the same, and the oracle within the format's
+// bound; quantized activations travel with their typed scales.
 #include <gtest/gtest.h>
+
+#include <set>
 
 #include "moekit/cpu.h"
 #include "moekit/dist/ep.h"
 #include "mpi/mpi_gtest.h"
+#include "mpi/quant_dispatch.h"
 #include "support/test_support.h"
 
 namespace moekit::test {
@@ -25,18 +29,142 @@ check::CheckOptions ep_options() {
   return o;
 }
 
-class EpContracts : public ::testing::TestWithParam<check::CheckCase> {};
-
-TEST_P(EpContracts, MatchesOracleAndSingleRank) {
-  for (const check::CaseResult& r : check::run_case(GetParam(), ep_options()))
-    EXPECT_TRUE(r.passed) << "rank " << g_comm->rank() << ": " << r.str();
+// Quantized formats across ranks: typed scales travel with their rows (per-tensor ones agreed
+// over the ranks), bit for bit as on one rank where the suite demands it.
+check::CheckOptions ep_format_options() {
+  check::CheckOptions o = ep_options();
+  o.dtypes = {};
+  o.formats = {};
+  for (const char* f : {"fp8-tensor", "fp8-token", "fp8-block", "int8", "w8a16:g32:zp"})
+    o.formats.push_back(QuantScheme::parse(f));
+  o.routing = {RoutingMethod::kSoftmaxTopK, RoutingMethod::kLlama4Top1Sigmoid};
+  o.tokens = {7, 41};
+  return o;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllCompositions, EpContracts, ::testing::ValuesIn(check::enumerate_cases(ep_options())),
-    [](const ::testing::TestParamInfo<check::CheckCase>& info) {
-      return test_name(info.param.name());
-    });
+struct EpCase {
+  check::CheckCase kase;
+  bool formats = false;  // from ep_format_options
+};
+void PrintTo(const EpCase& c, std::ostream* os) {
+  *os << c.kase.name();
+}
+
+std::vector<EpCase> ep_cases() {
+  std::vector<EpCase> cases;
+  for (auto& c : check::enumerate_cases(ep_options())) cases.push_back({std::move(c), false});
+  for (auto& c : check::enumerate_cases(ep_format_options())) cases.push_back({std::move(c), true});
+  return cases;
+}
+
+class EpContracts : public ::testing::TestWithParam<EpCase> {};
+
+// Experts that refuse a format at construction skip the case (on every rank), with the reason.
+TEST_P(EpContracts, MatchesOracleAndSingleRank) {
+  const check::CheckOptions o = GetParam().formats ? ep_format_options() : ep_options();
+  std::string not_applicable;
+  for (const check::CaseResult& r : check::run_case(GetParam().kase, o)) {
+    if (r.not_applicable) not_applicable = r.detail;
+    EXPECT_TRUE(r.passed) << "rank " << g_comm->rank() << ": " << r.str();
+  }
+  if (!not_applicable.empty()) GTEST_SKIP() << "not applicable: " << not_applicable;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllCompositions, EpContracts, ::testing::ValuesIn(ep_cases()),
+                         [](const ::testing::TestParamInfo<EpCase>& info) {
+                           return test_name(info.param.kase.name());
+                         });
+
+// Rows [begin, end) of `total` split over the ranks (check::split_rows), and the most any rank
+// passes.
+struct RankRows {
+  int64_t begin = 0, end = 0, most = 0;
+};
+RankRows rank_rows(int64_t total) {
+  const std::vector<int64_t> rows = check::split_rows(total, g_comm->size());
+  RankRows r;
+  for (int i = 0; i < g_comm->rank(); ++i) r.begin += rows[i];
+  r.end = r.begin + rows[g_comm->rank()];
+  r.most = *std::max_element(rows.begin(), rows.end());
+  return r;
+}
+
+// Contract 4 across ranks: each rank's experts see rows of the whole batch quantized with their
+// own scale -- a per-tensor scale the same on every rank: the static one, or the scale of the
+// amax of all ranks' rows -- and the ranks compute the oracle (the sum of its shares: a
+// per-tensor intermediate scale covers each rank's call).
+TEST(EpMpi, ScaledActivationsTravelWithTheirScales) {
+  const int R = g_comm->size();
+  const ExpertMap map = ExpertMap::linear(8, R);
+  for (const char* format : {"fp8-tensor", "fp8-tensor:static", "fp8-token", "fp8-block", "int8"})
+    for (bool woi : {false, true}) {
+      const QuantLayer layer(format, woi, 37);
+      const std::vector<ScaledRow> want = layer.expected();
+      std::vector<Tensor> shares;
+      for (int r = 0; r < R; ++r) shares.push_back(layer.reference(&map, r));
+      const RankRows rows = rank_rows(layer.x.size(0));
+      for (const auto& pe : check::prepare_finalize_registry()) {
+        if (!pe.distributed) continue;
+        SCOPED_TRACE(std::string(format) + (woi ? " (weight on input) " : " ") + pe.name +
+                     " rank " + std::to_string(g_comm->rank()));
+        const Dispatched d = dispatch(layer, pe.make(map, g_comm->rank(), g_comm, rows.most), map,
+                                      g_comm->rank(), rows.begin, rows.end, rows.most);
+        EXPECT_TRUE(rows_arrived_with_their_scales(*d.experts, want, layer.spec().scale));
+        Tensor sum(DType::kF32, {rows.end - rows.begin, 160});
+        for (int64_t t = rows.begin; t < rows.end; ++t)
+          for (int64_t c = 0; c < 160; ++c) {
+            double v = 0;
+            for (const Tensor& s : shares) v += s.data<float>()[t * 160 + c];
+            sum.data<float>()[(t - rows.begin) * 160 + c] = static_cast<float>(v);
+          }
+        EXPECT_TRUE(rows_match(d.y, sum, layer.bound(R)));
+      }
+    }
+}
+
+// CommStats count what a prepare sends other ranks: codes, scale rows and routing, and the
+// amax agreement of a dynamic per-tensor scale (a float to each other rank).
+TEST(EpMpi, DispatchBytesCountCodesAndScales) {
+  const int R = g_comm->size(), me = g_comm->rank();
+  const ExpertMap map = ExpertMap::linear(8, R);
+  const int64_t H = 160, k = 2;
+  for (const char* format : {"fp8-token", "fp8-tensor", "fp8-block:ue8m0", "int8"}) {
+    const QuantLayer layer(format, false, 29);
+    const ActivationSpec spec = layer.spec();
+    // One row: H one-byte codes and its scale row (per-tensor: none).
+    const int64_t scale = spec.scale == ScaleKind::kToken   ? 4
+                          : spec.scale == ScaleKind::kBlock ? (H + spec.group - 1) / spec.group *
+                                                                  storage_bytes(spec.scale_dtype, 1)
+                                                            : 0;
+    const int64_t row = H + scale;
+    const int64_t agree = spec.scale == ScaleKind::kTensor ? 4 * (R - 1) : 0;
+    const RankRows rows = rank_rows(layer.x.size(0));
+    const int64_t M = rows.end - rows.begin;
+    for (const auto& pe : check::prepare_finalize_registry()) {
+      if (!pe.distributed) continue;
+      auto pf = std::static_pointer_cast<DistributedPrepareFinalize>(
+          pe.make(map, me, g_comm, rows.most));
+      dispatch(layer, pf, map, me, rows.begin, rows.end, rows.most);
+      int64_t want = agree;
+      if (pe.name == "naive") want += (R - 1) * M * (row + 8 * k);
+      if (pe.name == "low_latency")  // fixed slabs: counts, then max rows per local expert
+        for (int d = 0; d < R; ++d)
+          if (d != me)
+            want += (map.num_local(d) * 4 + 63) / 64 * 64 + map.num_local(d) * rows.most * row;
+      if (pe.name == "all_to_all") {  // one record per (token, serving rank)
+        const int64_t record = (8 * k + row + 15) / 16 * 16;
+        for (int64_t t = rows.begin; t < rows.end; ++t) {
+          std::set<int> to;
+          for (int64_t s = 0; s < k; ++s)
+            if (const int32_t e = layer.routing.topk_ids.data<int32_t>()[t * k + s]; e >= 0)
+              to.insert(map.serving_rank(e, (int64_t(me) << 32) + t));
+          want += record * int64_t(to.size() - to.count(me));
+        }
+      }
+      EXPECT_EQ(pf->stats().dispatch_bytes_sent, want) << format << " " << pe.name;
+    }
+  }
+}
 
 // Every slot picks an expert that rank 0 holds: all traffic converges on one rank, the others
 // compute nothing. Reference experts and per-slot returns keep it bit-exact with one rank.
