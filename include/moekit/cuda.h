@@ -62,9 +62,12 @@ void copy_to_host(const TensorView& device, const TensorView& host);
 
 // Single-rank PrepareFinalize on the device: maps global ids to `rank`'s local ids through a
 // device copy of the expert map's table (-1 for experts served elsewhere and for padding),
-// converts x to the experts' activation dtype (and applies the weight on the input), and
-// finalizes with the caller's routing. Ids outside [-1, E) are treated as -1 and counted in a
-// device flag instead of stopping the stream; cuda_bad_id_count() reads it.
+// brings x into the experts' activation spec (a float dtype: converted; fp8 e4m3 with a
+// per-token or per-tensor fp32 scale: quantized on the device, a dynamic per-tensor scale
+// reduced over all rows on the device, a static one read from its device tensor) and applies
+// the weight on the input first; it finalizes with the caller's routing. Ids outside [-1, E)
+// are treated as -1 and counted in a device flag instead of stopping the stream;
+// cuda_bad_id_count() reads it.
 std::shared_ptr<PrepareFinalize> make_cuda_prepare_finalize(ExpertMap map, int rank);
 // Ids outside [-1, E) seen by prepare() since the last call (synchronizes with the device, so
 // call it outside the forward path); resets the count. `pf` must come from
@@ -74,27 +77,39 @@ int64_t cuda_bad_id_count(const PrepareFinalize& pf);
 // Deterministic weight-and-reduce (slots summed in order 0..k-1), fp32 accumulation.
 std::shared_ptr<WeightAndReduce> make_cuda_weight_and_reduce();
 
-// Experts over bf16 device weights (standard format, activation spec bf16, fp32 fused_out).
-// H and I must be multiples of 8 (16-byte rows); other shapes, dtypes or host weights are
-// refused at construction with the reason. The caller's weight memory must outlive the object
-// (it is not copied).
+// Experts over device weights in format bf16, fp16 (activations in the weights' dtype),
+// fp8-tensor (e4m3 weights with an fp32 scale per expert, e4m3 activations with one fp32 scale:
+// dynamic, or static with the format option "static": pass `static_act_scale`, a [1] fp32 CUDA
+// tensor valid for the experts' lifetime) or fp8-token (e4m3 weights with an fp32 scale per
+// output channel, e4m3 activations with a dynamic fp32 scale per token). Standard format, fp32
+// fused_out. The intermediate between the GEMMs is requantized to e4m3 as intermediate_spec
+// (reference.h) says, which is what the oracle does: a dynamic scale per (token, slot) row for
+// both fp8 formats (a static a1 scale does not extend to it). H and I must be
+// multiples of 8 (bf16, fp16) or 16 (fp8): 16-byte rows. Other formats, shapes, dtypes or host
+// weights are refused at construction with the reason. The caller's weight memory must outlive
+// the object (it is not copied; biases and weight scales are copied to fp32 device tensors at
+// construction, which synchronizes).
 //
 // Small-batch experts for decode: each active expert's weights are streamed once across all
-// SMs (GEMM1 + activation in one launch, GEMM2 in a second). Any M is computed (in chunks of
-// 4096 (token, slot) pairs), but beyond a few tokens per expert the grouped GEMM wins. `applied`:
-// kNone writes [M', k, H] and leaves the weights to finalize (fewest launches); kWeightedAndReduced
-// reduces here (one more launch).
+// SMs (GEMM1 + activation in one launch, GEMM2 in a second; e4m3 weights are dequantized in
+// registers, and the intermediate is requantized in a launch between). Any M is computed (in
+// chunks of 4096 (token, slot) pairs), but beyond a few tokens per expert the grouped GEMM
+// wins. `applied`: kNone writes [M', k, H] and leaves the weights to finalize (fewest launches);
+// kWeightedAndReduced reduces here (one more launch).
 std::shared_ptr<Experts> make_cuda_small_batch_experts(
     const ExpertWeights& weights, const Activation& act,
-    TopKWeightApplied applied = TopKWeightApplied::kNone);
+    TopKWeightApplied applied = TopKWeightApplied::kNone, const TensorView& static_act_scale = {});
 // Grouped-GEMM experts for many tokens: tokens sorted by local expert on the device, CUTLASS sm90
-// grouped GEMM (TMA, warp-specialized) with per-expert sizes kept on the device;
-// kWeightedAndReduced (each token's rows are weighted and summed while unpermuting).
+// grouped GEMM (TMA, warp-specialized) with per-expert sizes kept on the device (fp8: e4m3 x
+// e4m3 with the scales applied in the GEMM epilogue); kWeightedAndReduced (each token's rows are
+// weighted and summed while unpermuting).
 std::shared_ptr<Experts> make_cuda_grouped_gemm_experts(const ExpertWeights& weights,
-                                                        const Activation& act);
+                                                        const Activation& act,
+                                                        const TensorView& static_act_scale = {});
 // Small-batch experts (kWeightedAndReduced) up to `max_small_tokens` dispatched rows, grouped
 // GEMM above.
 std::shared_ptr<Experts> make_cuda_experts(const ExpertWeights& weights, const Activation& act,
-                                           int64_t max_small_tokens = 16);
+                                           int64_t max_small_tokens = 16,
+                                           const TensorView& static_act_scale = {});
 
 }  // namespace moekit

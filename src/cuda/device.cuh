@@ -1,9 +1,11 @@
-// Device-side helpers shared by the .cu files: bf16 <-> fp32 on raw uint16_t storage (moekit's
-// bf16 tensors are plain 16-bit words), 16-byte loads, warp reductions, grid sizing.
+// Device-side helpers shared by the .cu files: bf16 -> fp32 on raw uint16_t storage (moekit's
+// bf16 tensors are plain 16-bit words), 16-byte loads and dot products per element type, warp
+// reductions, grid sizing, and the switches from DType to device element types.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -16,10 +18,6 @@ inline constexpr int kWarp = 32;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t b) {
   return __uint_as_float(static_cast<uint32_t>(b) << 16);
-}
-// Round to nearest even, NaN kept (the same rounding as float_to_bf16 on the host).
-__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 }
 
 // Two bf16 packed in a 32-bit word -> two floats (low half first).
@@ -48,6 +46,60 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
   }
   return acc;
 }
+
+// 16 bytes of elements T (8 bf16 or fp16, 16 e4m3): kElems, and acc + dot(w, x) in fp32.
+template <typename T>
+struct Vec16;
+
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  static __device__ __forceinline__ float dot(uint4 w, uint4 x, float acc) {
+    return dot8(w, x, acc);
+  }
+};
+
+template <>
+struct Vec16<__half> {
+  static constexpr int kElems = 8;
+  static __device__ __forceinline__ float dot(uint4 w, uint4 x, float acc) {
+    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+    const uint32_t xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&wv[i]));
+      const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&xv[i]));
+      acc = fmaf(a.x, b.x, acc);
+      acc = fmaf(a.y, b.y, acc);
+    }
+    return acc;
+  }
+};
+
+// e4m3 -> fp16 is exact; products are taken in fp32 (448 * 448 overflows fp16).
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t v) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  return __half22float2(__half2(h));
+}
+
+template <>
+struct Vec16<__nv_fp8_e4m3> {
+  static constexpr int kElems = 16;
+  static __device__ __forceinline__ float dot(uint4 w, uint4 x, float acc) {
+    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
+    const uint32_t xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float2 a = e4m3x2_to_float2(static_cast<uint16_t>(wv[i] >> (16 * half)));
+        const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(xv[i] >> (16 * half)));
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+      }
+    return acc;
+  }
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -109,6 +161,24 @@ void with_float_type(DType dtype, F&& f) {
       return;
     default:
       MOEKIT_FAIL("CUDA: ", name(dtype), " is not a float dtype");
+  }
+}
+
+// Calls f(T{}) with T the device type the experts compute in: bf16, fp16 or e4m3.
+template <typename F>
+void with_compute_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBF16:
+      f(__nv_bfloat16{});
+      return;
+    case DType::kF16:
+      f(__half{});
+      return;
+    case DType::kF8E4M3:
+      f(__nv_fp8_e4m3{});
+      return;
+    default:
+      MOEKIT_FAIL("CUDA experts: no kernels for ", name(dtype), " elements");
   }
 }
 

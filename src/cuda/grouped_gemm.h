@@ -2,13 +2,20 @@
 // for every group g, D_g[rows_g, n] = A_g[rows_g, k] . B_g[n, k]^T with
 //   rows_g = counts[g], A_g = a + offsets[g] * k (row-major, packed), D_g = d + offsets[g] * n,
 //   B_g = b + index[g] * b_group_stride (rows of b_row_stride elements; index null: identity).
-// bf16 operands, fp32 accumulation. One configuration per .cu file (grouped_gemm_sm90_*.cu).
+// bf16, fp16 or e4m3 operands, fp32 accumulation. e4m3 GEMMs dequantize in the epilogue:
+//   D_g[r, c] = a_scale(r) * b_scale[index[g], c] * acc
+// with a_scale per tensor (RowScale stride 0: the scalar, read on the device) or per sorted row
+// (stride 1: a_scale[offsets[g] + r]) and b_scale fp32 per output channel. One kernel
+// configuration per .cu file (grouped_gemm_sm90_*.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#include "cuda/kernels.h"
+#include "moekit/core/dtype.h"
 
 namespace moekit::cuda {
 
@@ -17,20 +24,29 @@ struct GroupedGemmArgs {
   int64_t n = 0, k = 0;
   const int32_t* counts = nullptr;   // [G] device
   const int32_t* offsets = nullptr;  // [G] device
-  const uint16_t* a = nullptr;
-  const uint16_t* b = nullptr;
+  const void* a = nullptr;
+  const void* b = nullptr;
   int64_t b_group_stride = 0, b_row_stride = 0;
   const int32_t* b_index = nullptr;  // [G] device or null
   void* d = nullptr;
+  RowScale a_scale;                // e4m3 only
+  const float* b_scale = nullptr;  // e4m3 only: [experts, n]
 };
 
-// Device workspace bytes for `num_groups` groups (argument arrays and CUTLASS's own).
-size_t grouped_gemm_bf16_out_bf16_workspace(int num_groups);
-size_t grouped_gemm_bf16_out_f32_workspace(int num_groups);
-// D bf16 (rounded from the fp32 accumulator) / D fp32.
-void grouped_gemm_bf16_out_bf16(const GroupedGemmArgs& args, void* workspace, size_t bytes,
-                                cudaStream_t stream);
-void grouped_gemm_bf16_out_f32(const GroupedGemmArgs& args, void* workspace, size_t bytes,
-                               cudaStream_t stream);
+// A kernel configuration: device workspace bytes for `num_groups` groups (argument arrays and
+// CUTLASS's own), and the launcher.
+struct GroupedGemm {
+  size_t (*workspace)(int num_groups);
+  void (*run)(const GroupedGemmArgs& args, void* workspace, size_t bytes, cudaStream_t stream);
+};
+
+// One per grouped_gemm_sm90_<operands>_out_<output>.cu.
+extern const GroupedGemm kGroupedGemmBf16OutBf16, kGroupedGemmBf16OutF32;
+extern const GroupedGemm kGroupedGemmF16OutF16, kGroupedGemmF16OutF32;
+extern const GroupedGemm kGroupedGemmE4m3OutBf16, kGroupedGemmE4m3OutF32;
+
+// The configuration for operands `ab` (kBF16, kF16, kF8E4M3): out_f32 for GEMM2 (fp32 D),
+// else GEMM1's (D in the operand type; bf16 for e4m3).
+const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32);
 
 }  // namespace moekit::cuda

@@ -1,9 +1,14 @@
 // Grouped-GEMM experts (prefill): pairs sorted by local expert on the device, then
-//   a_sorted [R, H] --GEMM1--> c1 [R, w13_rows] bf16 --activation--> a2 [R, I] bf16
+//   a_sorted [R, H] T --GEMM1--> c1 [R, w13_rows] --activation--> a2 [R, I] T
 //   --GEMM2--> c2 [R, H] fp32 --unpermute, weight, reduce--> out [M, H] fp32
 // with R = M * k rows reserved (only the valid pairs' rows are used) and per-expert sizes kept
-// on the device. Weights applied here (kWeightedAndReduced): the unpermute reads each of a
-// token's rows once and finalize only casts.
+// on the device. T is bf16 or fp16 (c1 in T), or e4m3: then both GEMMs dequantize in their
+// epilogue (the per-tensor activation scale, the per-sorted-row activation scale and the weight's
+// per-channel scale, grouped_gemm_sm90.cuh), c1 is bf16 and the activation requantizes a2 as
+// intermediate_spec (reference.h) says: per sorted row for both fp8 formats (a per-tensor kind
+// would take a dynamic scale over all sorted rows, reduced on the device). Weights applied here
+// (kWeightedAndReduced): the unpermute reads each of a token's rows once and finalize only
+// casts.
 #include <algorithm>
 
 #include "cuda/check.h"
@@ -15,8 +20,11 @@ namespace {
 
 class GroupedGemmExperts final : public CudaExpertsBase {
  public:
-  GroupedGemmExperts(const ExpertWeights& w, const Activation& act)
-      : CudaExpertsBase("cuda-grouped-gemm", w, act) {}
+  GroupedGemmExperts(const ExpertWeights& w, const Activation& act,
+                     const TensorView& static_act_scale)
+      : CudaExpertsBase("cuda-grouped-gemm", w, act, static_act_scale),
+        gemm1_(grouped_gemm_for(weights_.elem, false)),
+        gemm2_(grouped_gemm_for(weights_.elem, true)) {}
 
   std::string_view name() const override { return name_; }
   TopKWeightApplied weight_application() const override {
@@ -24,7 +32,7 @@ class GroupedGemmExperts final : public CudaExpertsBase {
   }
 
   size_t workspace_size(const MoEProblem& p) const override {
-    return Buffers::bytes(p.tokens * p.top_k, info_);
+    return layout(p.tokens * p.top_k).bytes;
   }
 
   void apply(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
@@ -39,10 +47,13 @@ class GroupedGemmExperts final : public CudaExpertsBase {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream));
       return;
     }
-    const Buffers buf = Buffers::take(ws, R, info_);
+    const Buffers buf = take(ws, R);
+    const RowScale a1s = a1_scale(b);
+    const bool per_token = a1s.stride != 0;
     sort_by_expert(b.topk_ids.ptr<int32_t>(), b.topk_ids.stride[0], M, static_cast<int>(k), G,
-                   b.a1.ptr<uint16_t>(), b.a1.stride[0], H, buf.counts, buf.offsets, buf.cursor,
-                   buf.pair_pos, buf.activations, stream);
+                   b.a1.data, b.a1.stride[0] * elem_bytes(), H * elem_bytes(), a1s, buf.counts,
+                   buf.offsets, buf.cursor, buf.pair_pos, buf.activations,
+                   per_token ? buf.a1_scale : nullptr, stream);
     GroupedGemmArgs g1{.num_groups = G,
                        .n = rows13,
                        .k = H,
@@ -53,11 +64,13 @@ class GroupedGemmExperts final : public CudaExpertsBase {
                        .b_group_stride = weights_.w13_expert_stride,
                        .b_row_stride = weights_.w13_row_stride,
                        .b_index = weights_.index,
-                       .d = buf.results};
-    grouped_gemm_bf16_out_bf16(g1, buf.gemm, buf.gemm_bytes, stream);
+                       .d = buf.results,
+                       .a_scale = per_token ? RowScale{buf.a1_scale, 1} : a1s,
+                       .b_scale = weights_.s13};
+    gemm1_.run(g1, buf.gemm, buf.gemm_bytes, stream);
     // a2 overwrites a_sorted, which GEMM1 has consumed (same stream).
-    grouped_activation(weights_, static_cast<const uint16_t*>(buf.results), buf.counts, buf.offsets,
-                       R, buf.activations, stream);
+    grouped_activation(weights_, buf.results, buf.counts, buf.offsets, R, buf.activations,
+                       buf.a2_scale, buf.amax, stream);
     GroupedGemmArgs g2{.num_groups = G,
                        .n = H,
                        .k = I,
@@ -68,8 +81,10 @@ class GroupedGemmExperts final : public CudaExpertsBase {
                        .b_group_stride = weights_.w2_expert_stride,
                        .b_row_stride = weights_.w2_row_stride,
                        .b_index = weights_.index,
-                       .d = buf.results};
-    grouped_gemm_bf16_out_f32(g2, buf.gemm, buf.gemm_bytes, stream);
+                       .d = buf.results,
+                       .a_scale = {buf.a2_scale, weights_.a2_scale == ScaleKind::kToken ? 1 : 0},
+                       .b_scale = weights_.s2};
+    gemm2_.run(g2, buf.gemm, buf.gemm_bytes, stream);
     unpermute_weight_reduce(weights_, static_cast<const float*>(buf.results), buf.pair_pos,
                             b.topk_ids.ptr<int32_t>(), b.topk_ids.stride[0],
                             b.topk_weights.ptr<float>(), b.topk_weights.stride[0], M,
@@ -77,63 +92,91 @@ class GroupedGemmExperts final : public CudaExpertsBase {
   }
 
  private:
-  // Workspace of one apply() over R = M * k rows. `activations` holds a_sorted [R, H] bf16 and
-  // later a2 [R, I] bf16; `results` holds c1 [R, w13_rows] bf16 and later c2 [R, H] fp32.
+  // Workspace of one apply() over R = M * k rows. `activations` holds a_sorted [R, H] T and
+  // later a2 [R, I] T; `results` holds c1 [R, w13_rows] (2-byte elements) and later c2 [R, H]
+  // fp32. e4m3 only: a1_scale [R] (per-token a1 scales in sorted order), a2_scale [R] (or [1])
+  // and the amax of a dynamic per-tensor a2 scale.
   struct Buffers {
     int32_t *counts, *offsets, *cursor, *pair_pos;
-    uint16_t* activations;
+    void* activations;
     void* results;
+    float *a1_scale, *a2_scale;
+    uint32_t* amax;
     void* gemm;
     size_t gemm_bytes;
-
-    static size_t activation_bytes(int64_t R, const ExpertsInfo& i) {
-      return R * std::max(i.hidden, i.intermediate) * 2;
-    }
-    static size_t result_bytes(int64_t R, const ExpertsInfo& i) {
-      return R * std::max(i.activation.w13_rows(i.intermediate) * 2, i.hidden * 4);
-    }
-    static size_t gemm_workspace(const ExpertsInfo& i) {
-      const int G = static_cast<int>(i.num_local_experts);
-      return std::max(grouped_gemm_bf16_out_bf16_workspace(G),
-                      grouped_gemm_bf16_out_f32_workspace(G));
-    }
-    static size_t bytes(int64_t R, const ExpertsInfo& i) {
-      const int64_t G = i.num_local_experts;
-      return 3 * Workspace::aligned(G * 4) + Workspace::aligned(R * 4) +
-             Workspace::aligned(activation_bytes(R, i)) + Workspace::aligned(result_bytes(R, i)) +
-             Workspace::aligned(gemm_workspace(i));
-    }
-    static Buffers take(Workspace& ws, int64_t R, const ExpertsInfo& i) {
-      const int64_t G = i.num_local_experts;
-      Buffers b;
-      b.counts = static_cast<int32_t*>(ws.take_bytes(G * 4));
-      b.offsets = static_cast<int32_t*>(ws.take_bytes(G * 4));
-      b.cursor = static_cast<int32_t*>(ws.take_bytes(G * 4));
-      b.pair_pos = static_cast<int32_t*>(ws.take_bytes(R * 4));
-      b.activations = static_cast<uint16_t*>(ws.take_bytes(activation_bytes(R, i)));
-      b.results = ws.take_bytes(result_bytes(R, i));
-      b.gemm_bytes = gemm_workspace(i);
-      b.gemm = ws.take_bytes(b.gemm_bytes);
-      return b;
-    }
   };
+  // The bytes of each buffer, in take() order, and their sum.
+  struct Layout {
+    size_t sizes[10];
+    size_t bytes = 0;
+  };
+  Layout layout(int64_t R) const {
+    const int64_t G = info_.num_local_experts, H = info_.hidden, I = info_.intermediate;
+    const int64_t rows13 = info_.activation.w13_rows(I);
+    const int scaled = quantized() ? 1 : 0;
+    Layout l{{size_t(G * 4), size_t(G * 4), size_t(G * 4), size_t(R * 4),
+              size_t(R * std::max(H, I) * elem_bytes()), size_t(R * std::max(rows13 * 2, H * 4)),
+              size_t(scaled * R * 4), size_t(scaled * R * 4), size_t(scaled * 4),
+              std::max(gemm1_.workspace(int(G)), gemm2_.workspace(int(G)))}};
+    for (size_t s : l.sizes) l.bytes += Workspace::aligned(s);
+    return l;
+  }
+  Buffers take(Workspace& ws, int64_t R) const {
+    const Layout l = layout(R);
+    Buffers b;
+    b.counts = static_cast<int32_t*>(ws.take_bytes(l.sizes[0]));
+    b.offsets = static_cast<int32_t*>(ws.take_bytes(l.sizes[1]));
+    b.cursor = static_cast<int32_t*>(ws.take_bytes(l.sizes[2]));
+    b.pair_pos = static_cast<int32_t*>(ws.take_bytes(l.sizes[3]));
+    b.activations = ws.take_bytes(l.sizes[4]);
+    b.results = ws.take_bytes(l.sizes[5]);
+    b.a1_scale = static_cast<float*>(ws.take_bytes(l.sizes[6]));
+    b.a2_scale = static_cast<float*>(ws.take_bytes(l.sizes[7]));
+    b.amax = static_cast<uint32_t*>(ws.take_bytes(l.sizes[8]));
+    b.gemm_bytes = l.sizes[9];
+    b.gemm = ws.take_bytes(b.gemm_bytes);
+    return b;
+  }
+
+  const GroupedGemm& gemm1_;
+  const GroupedGemm& gemm2_;
 };
 
 }  // namespace
 }  // namespace moekit::cuda
 
+namespace moekit::cuda {
+
+const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
+  switch (ab) {
+    case DType::kBF16:
+      return out_f32 ? kGroupedGemmBf16OutF32 : kGroupedGemmBf16OutBf16;
+    case DType::kF16:
+      return out_f32 ? kGroupedGemmF16OutF32 : kGroupedGemmF16OutF16;
+    case DType::kF8E4M3:
+      return out_f32 ? kGroupedGemmE4m3OutF32 : kGroupedGemmE4m3OutBf16;
+    default:
+      MOEKIT_FAIL("grouped GEMM: no configuration for ", name(ab), " operands");
+  }
+}
+
+}  // namespace moekit::cuda
+
 namespace moekit {
 
 std::shared_ptr<Experts> make_cuda_grouped_gemm_experts(const ExpertWeights& weights,
-                                                        const Activation& act) {
-  return std::make_shared<cuda::GroupedGemmExperts>(weights, act);
+                                                        const Activation& act,
+                                                        const TensorView& static_act_scale) {
+  return std::make_shared<cuda::GroupedGemmExperts>(weights, act, static_act_scale);
 }
 
 std::shared_ptr<Experts> make_cuda_experts(const ExpertWeights& weights, const Activation& act,
-                                           int64_t max_small_tokens) {
+                                           int64_t max_small_tokens,
+                                           const TensorView& static_act_scale) {
   return make_fallback_experts(
-      make_cuda_small_batch_experts(weights, act, TopKWeightApplied::kWeightedAndReduced),
-      make_cuda_grouped_gemm_experts(weights, act), max_small_tokens);
+      make_cuda_small_batch_experts(weights, act, TopKWeightApplied::kWeightedAndReduced,
+                                    static_act_scale),
+      make_cuda_grouped_gemm_experts(weights, act, static_act_scale), max_small_tokens);
 }
 
 }  // namespace moekit

@@ -1,6 +1,10 @@
 // Launchers of the CUDA backend's kernels: raw device pointers, sizes and strides (in elements),
 // a stream; no validation (the host layer in *_experts.cc / parts.cc validates first). Every
 // launcher enqueues on `stream` only and never synchronizes.
+//
+// Element types: the experts compute in one element type T for weights and activations, named by
+// its DType: kBF16, kF16, or kF8E4M3 (fp8 formats: e4m3 weights with fp32 per-row scales and e4m3
+// activations with a typed scale, quant/format.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,8 +13,16 @@
 
 #include "moekit/activation.h"
 #include "moekit/core/dtype.h"
+#include "moekit/quant/format.h"
 
 namespace moekit::cuda {
+
+// The scale of row r of a quantized activation is scale[r * stride]: stride 1 per token (or per
+// sorted row), stride 0 one scale for the tensor. scale null: unscaled (float activations).
+struct RowScale {
+  const float* scale = nullptr;
+  int64_t stride = 0;
+};
 
 // ---- prepare ------------------------------------------------------------------------------
 
@@ -31,11 +43,30 @@ void map_ids(const int32_t* global_ids, int64_t ids_stride, const float* weights
              int64_t token_key_offset, bool weight_on_input, int32_t* local_ids,
              float* local_weights, int32_t* bad_count, cudaStream_t stream);
 
-// out[t, :] = x[t, :] * (row_scale ? row_scale[t * scale_stride] : 1), converted to bf16.
-// x: [M, H] of dtype x_dtype (fp32, fp16 or bf16) with row stride x_stride; out: [M, H].
-void convert_rows_to_bf16(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
-                          const float* row_scale, int64_t scale_stride, uint16_t* out,
-                          cudaStream_t stream);
+// out[t, :] = x[t, :] * (row_scale ? row_scale[t * scale_stride] : 1), converted to out_dtype.
+// x: [M, H] of a float dtype with row stride x_stride; out: [M, H] contiguous, a float dtype.
+void convert_rows(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
+                  const float* row_scale, int64_t scale_stride, void* out, DType out_dtype,
+                  cudaStream_t stream);
+
+// ---- fp8 e4m3 activation quantizer (quantize.cu) --------------------------------------------
+
+// Where quantized rows go and how they are scaled. Codes are x / scale rounded to nearest even,
+// saturated to +-448; a dynamic scale is amax / 448 over the finite values it covers (1 when
+// that is 0), the host quantizer's rule (quant/quantize.h).
+struct Fp8Rows {
+  uint8_t* q = nullptr;                 // [M, H] contiguous e4m3 codes
+  ScaleKind kind = ScaleKind::kToken;   // kTensor or kToken
+  float* scale = nullptr;               // written: kTensor [1], kToken [M]
+  const float* static_scale = nullptr;  // kTensor: a device [1] scale used as is; null: dynamic
+  uint32_t* amax = nullptr;             // kTensor dynamic: device scratch [1]
+};
+// q[t, :] = e4m3(x[t, :] * row_scale(t) / scale): a per-tensor dynamic scale is reduced on the
+// device over all M rows (an amax pass, then the quantize pass: no host synchronisation).
+// x: [M, H] of a float dtype with row stride x_stride.
+void quantize_rows_fp8(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
+                       const float* row_scale, int64_t scale_stride, const Fp8Rows& out,
+                       cudaStream_t stream);
 
 // ---- finalize -----------------------------------------------------------------------------
 
@@ -51,15 +82,21 @@ void weight_and_reduce(const float* fused, int64_t M, int k, int64_t H, bool red
 // ---- shared by the experts ----------------------------------------------------------------
 
 // Experts' weights on the device: expert e (local slot) is at base + index[e] * expert_stride
-// (index null: identity); rows of `row_stride` elements. Biases may be null (bf16 like weights).
+// (index null: identity); rows of `row_stride` elements of dtype `elem`. Biases and weight scales
+// are fp32 copies indexed like the weights, contiguous: b13, s13 [n, w13_rows], b2, s2 [n, H]
+// (null: no bias; unscaled float weights). A per-tensor weight scale is stored expanded to every
+// row, so the kernels see one layout.
 struct DeviceWeights {
-  const uint16_t* w13;
-  const uint16_t* w2;
-  const uint16_t* b13;
-  const uint16_t* b2;
+  const void* w13;
+  const void* w2;
+  const float* b13;
+  const float* b2;
+  const float* s13;
+  const float* s2;
+  DType elem;          // kBF16, kF16 or kF8E4M3
+  ScaleKind a2_scale;  // e4m3: how the intermediate is requantized (intermediate_spec)
   int64_t w13_expert_stride, w13_row_stride;
   int64_t w2_expert_stride, w2_row_stride;
-  int64_t b13_expert_stride, b2_expert_stride;
   const int32_t* index;  // [E_local] or null
   int num_local;         // E_local
   int64_t hidden, intermediate;
@@ -72,31 +109,49 @@ struct DeviceWeights {
 // batches run in token chunks of this many pairs.
 inline constexpr int64_t kSmallBatchMaxPairs = 4096;
 
+// The intermediate of the small-batch experts, P = M * k pair rows of I:
+//   float formats: h [P, I] elem;
+//   e4m3: h [P, I] fp32, requantized into h8 [P, I] with h_scale (kToken [P], kTensor [1]) and
+//   amax [1] scratch.
+struct SmallBatchBuffers {
+  void* h = nullptr;
+  uint8_t* h8 = nullptr;
+  float* h_scale = nullptr;
+  uint32_t* amax = nullptr;
+};
+
 // fused_out[t, s, :] = W2[e] . act(W13[e] . a1[t] + b13[e]) + b2[e] for e = ids[t, s] >= 0, and
-// zeros for ids -1 (and ids >= E_local); h: workspace [M * k, I] bf16. a1: [M, H] bf16 (row stride
-// a1_stride); ids: [M, k] (row stride ids_stride); fused_out: [M, k, H] fp32 contiguous.
-void small_batch_experts(const DeviceWeights& w, const uint16_t* a1, int64_t a1_stride,
-                         const int32_t* ids, int64_t ids_stride, int64_t M, int k, uint16_t* h,
-                         float* fused_out, cudaStream_t stream);
+// zeros for ids -1 (and ids >= E_local); weights and activations dequantized with their scales.
+// a1: [M, H] elem (row stride a1_stride) with a1_scale; ids: [M, k] (row stride ids_stride);
+// fused_out: [M, k, H] fp32 contiguous.
+void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stride,
+                         RowScale a1_scale, const int32_t* ids, int64_t ids_stride, int64_t M,
+                         int k, const SmallBatchBuffers& buf, float* fused_out,
+                         cudaStream_t stream);
 
 // ---- grouped-GEMM experts: sorting by expert and the element-wise stages --------------------
 
 // Counting sort of the M * k (token, slot) pairs by local expert (pairs with id -1 dropped).
 // counts, offsets: [E_local] int32; pair_pos: [M * k] row of each pair in sorted order (-1:
-// dropped); a_sorted: [M * k, H] bf16, row r = a1 of the token of the pair at r. cursor:
-// [E_local] int32 scratch. Positions inside one expert's rows are not ordered (atomics); every
-// row's result is independent of its position, so outputs stay deterministic.
+// dropped); a_sorted: [M * k, row_bytes] bytes, row r = a1 row of the token of the pair at r
+// (a1 rows of row_bytes, a multiple of 16, a1_stride_bytes apart); sorted_scale (when a1_scale
+// is per token): [M * k], the scale of row r. cursor: [E_local] int32 scratch. Positions inside
+// one expert's rows are not ordered (atomics); every row's result is independent of its
+// position, so outputs stay deterministic.
 void sort_by_expert(const int32_t* ids, int64_t ids_stride, int64_t M, int k, int num_local,
-                    const uint16_t* a1, int64_t a1_stride, int64_t H, int32_t* counts,
-                    int32_t* offsets, int32_t* cursor, int32_t* pair_pos, uint16_t* a_sorted,
-                    cudaStream_t stream);
+                    const void* a1, int64_t a1_stride_bytes, int64_t row_bytes, RowScale a1_scale,
+                    int32_t* counts, int32_t* offsets, int32_t* cursor, int32_t* pair_pos,
+                    void* a_sorted, float* sorted_scale, cudaStream_t stream);
 
-// out[r, j] = bf16(act(c1[r, gate j] + b13, c1[r, up j] + b13)) for the rows r < rows_bound
-// that belong to an expert (offsets/counts); c1: [rows, w13_rows] bf16, out: [rows, I] bf16.
-// The expert of row r is found from offsets; rows past the last expert's are left alone.
-void grouped_activation(const DeviceWeights& w, const uint16_t* c1, const int32_t* counts,
-                        const int32_t* offsets, int64_t rows_bound, uint16_t* out,
-                        cudaStream_t stream);
+// The activation between the GEMMs on the sorted rows r < rows_bound that belong to an expert
+// (offsets/counts; the rest are left alone): v[r, j] = act(c1[r, gate j] + b13, c1[r, up j] +
+// b13) with c1: [rows, w13_rows] (elem for float formats, bf16 already scaled for e4m3). Float
+// formats: out [rows, I] elem. e4m3: out [rows, I] codes requantized as w.a2_scale says, with
+// out_scale [rows] (kToken) or [1] (kTensor: a dynamic scale over every sorted row, amax [1]
+// scratch).
+void grouped_activation(const DeviceWeights& w, const void* c1, const int32_t* counts,
+                        const int32_t* offsets, int64_t rows_bound, void* out, float* out_scale,
+                        uint32_t* amax, cudaStream_t stream);
 
 // y[t] = sum over s in order with pos = pair_pos[t * k + s] >= 0 of
 //   weights[t, s] * (c2[pos] + b2[ids[t, s]])            (y: [M, H] fp32, c2: [rows, H] fp32)

@@ -6,8 +6,8 @@
 
 #include "cuda/check.h"
 #include "cuda/kernels.h"
-#include "moekit/cuda.h"
 #include "modular/dispatch_util.h"
+#include "moekit/cuda.h"
 
 namespace moekit {
 namespace {
@@ -54,12 +54,31 @@ class CudaPrepareFinalize final : public PrepareFinalize {
     return std::nullopt;
   }
 
+  // Float activations (converted from x), or e4m3 with a per-tensor (static or dynamic) or
+  // per-token fp32 scale (quantized from x on the device).
+  std::optional<std::string> can_dispatch(const ActivationSpec& spec) const override {
+    if (traits(spec.dtype).is_float && spec.scale == ScaleKind::kNone) return std::nullopt;
+    const bool fp8 = spec.dtype == DType::kF8E4M3 && spec.scale_dtype == DType::kF32 &&
+                     (spec.scale == ScaleKind::kTensor || spec.scale == ScaleKind::kToken);
+    if (!fp8)
+      return "activations " + std::string(moekit::name(spec.dtype)) + " with " +
+             std::string(moekit::name(spec.scale)) + " scales (" +
+             std::string(moekit::name(spec.scale_dtype)) +
+             "): cuda prepare produces float activations or fp8 e4m3 with per-tensor or "
+             "per-token fp32 scales";
+    if (spec.static_scale.present() && spec.scale != ScaleKind::kTensor)
+      return "a static activation scale must be per-tensor";
+    return std::nullopt;
+  }
+
   int64_t max_dispatched_tokens(const MoEProblem& p) const override { return p.tokens; }
 
   size_t workspace_size(const MoEProblem& p) const override {
-    // ids [M, k] int32 + weights [M, k] fp32 + a1 [M, H] bf16 (conversion or weight on input).
+    // ids [M, k] int32 + weights [M, k] fp32 + a1 [M, H] (at most 2 bytes an element) + an
+    // activation scale per row + the amax of a dynamic per-tensor scale.
     return 2 * Workspace::aligned(p.tokens * p.top_k * 4) +
-           Workspace::aligned(p.tokens * p.hidden * 2);
+           Workspace::aligned(p.tokens * p.hidden * 2) + Workspace::aligned(p.tokens * 4) +
+           Workspace::aligned(4);
   }
 
   DispatchedBatch prepare(const PrepareRequest& req, Workspace& ws,
@@ -68,9 +87,12 @@ class CudaPrepareFinalize final : public PrepareFinalize {
     check_device(req.x, part, "x");
     check_device(req.topk_ids, part, "topk_ids");
     check_device(req.topk_weights, part, "topk_weights");
-    MOEKIT_CHECK(req.spec.dtype == DType::kBF16 && req.spec.scale == ScaleKind::kNone, part,
-                 ": only bf16 activations without scales are produced, the experts want ",
-                 moekit::name(req.spec.dtype));
+    if (auto r = can_dispatch(req.spec)) MOEKIT_FAIL(part, ": ", *r);
+    if (req.spec.static_scale.present()) {
+      check_device(req.spec.static_scale, part, "static activation scale");
+      check_shape(req.spec.static_scale, {1}, "static activation scale");
+      check_dtype(req.spec.static_scale, DType::kF32, "static activation scale");
+    }
     const int64_t M = req.x.size(0), H = req.x.size(1), k = req.topk_ids.size(1);
     check_shape(req.topk_weights, {M, k}, "topk_weights");
     check_dtype(req.topk_ids, DType::kI32, "topk_ids");
@@ -86,15 +108,32 @@ class CudaPrepareFinalize final : public PrepareFinalize {
                   routes_.data<cuda::ExpertRoute>(), map_.num_experts(), req.token_key_offset,
                   req.weight_on_input, b.topk_ids.ptr<int32_t>(), b.topk_weights.ptr<float>(),
                   bad_count_.data<int32_t>(), stream);
-    if (!req.weight_on_input && req.x.dtype == DType::kBF16) {
+    const ActivationSpec& spec = req.spec;
+    if (!req.weight_on_input && req.x.dtype == spec.dtype) {
       b.a1 = req.x;  // rows may be strided: the experts take a row stride
       return b;
     }
-    b.a1 = ws.take(DType::kBF16, {M, H});
+    b.a1 = ws.take(spec.dtype, {M, H});
     b.a1.device = req.x.device;
-    cuda::convert_rows_to_bf16(req.x.data, req.x.dtype, req.x.stride[0], M, H,
-                               req.weight_on_input ? req.topk_weights.ptr<float>() : nullptr,
-                               req.topk_weights.stride[0], b.a1.ptr<uint16_t>(), stream);
+    const float* row_scale = req.weight_on_input ? req.topk_weights.ptr<float>() : nullptr;
+    if (spec.scale == ScaleKind::kNone) {
+      cuda::convert_rows(req.x.data, req.x.dtype, req.x.stride[0], M, H, row_scale,
+                         req.topk_weights.stride[0], b.a1.data, spec.dtype, stream);
+      return b;
+    }
+    // e4m3: the typed scale travels with a1 (contract 4).
+    TensorView scale = ws.take(DType::kF32, {spec.scale == ScaleKind::kToken ? M : 1});
+    scale.device = req.x.device;
+    const cuda::Fp8Rows out{
+        .q = b.a1.ptr<uint8_t>(),
+        .kind = spec.scale,
+        .scale = scale.ptr<float>(),
+        .static_scale = spec.static_scale.present() ? spec.static_scale.ptr<float>() : nullptr,
+        .amax = static_cast<uint32_t*>(ws.take_bytes(4)),
+    };
+    cuda::quantize_rows_fp8(req.x.data, req.x.dtype, req.x.stride[0], M, H, row_scale,
+                            req.topk_weights.stride[0], out, stream);
+    b.a1_scale = ActivationScale{spec.scale, 0, scale};
     return b;
   }
 

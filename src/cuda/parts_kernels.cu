@@ -1,5 +1,5 @@
-// Kernels of the CUDA PrepareFinalize and WeightAndReduce: id mapping, input conversion and the
-// deterministic weight-and-reduce.
+// Kernels of the CUDA PrepareFinalize and WeightAndReduce: id mapping, input conversion between
+// float dtypes and the deterministic weight-and-reduce.
 #include "cuda/check.h"
 #include "cuda/device.cuh"
 #include "cuda/kernels.h"
@@ -35,14 +35,14 @@ __global__ void map_ids_kernel(const int32_t* __restrict__ global_ids, int64_t i
   local_weights[i] = weight_on_input ? 1.0f : weights[t * weights_stride + s];
 }
 
-template <typename T>
+template <typename T, typename Out>
 __global__ void convert_rows_kernel(const T* __restrict__ x, int64_t x_stride, int64_t H,
                                     const float* __restrict__ row_scale, int64_t scale_stride,
-                                    uint16_t* __restrict__ out) {
+                                    Out* __restrict__ out) {
   const int64_t t = blockIdx.x;
   const float scale = row_scale ? row_scale[t * scale_stride] : 1.0f;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x)
-    out[t * H + h] = float_to_bf16_bits(load_float(x, t * x_stride + h) * scale);
+    store_float(out, t * H + h, load_float(x, t * x_stride + h) * scale);
 }
 
 // Block (t, y): token t, columns [y * kThreads * kCols, ...) with kCols consecutive columns per
@@ -94,14 +94,17 @@ void map_ids(const int32_t* global_ids, int64_t ids_stride, const float* weights
   MOEKIT_CUDA_CHECK_LAUNCH();
 }
 
-void convert_rows_to_bf16(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
-                          const float* row_scale, int64_t scale_stride, uint16_t* out,
-                          cudaStream_t stream) {
+void convert_rows(const void* x, DType x_dtype, int64_t x_stride, int64_t M, int64_t H,
+                  const float* row_scale, int64_t scale_stride, void* out, DType out_dtype,
+                  cudaStream_t stream) {
   if (M == 0) return;
-  with_float_type(x_dtype, [&](auto tag) {
-    using T = decltype(tag);
-    convert_rows_kernel<T><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), x_stride, H, row_scale, scale_stride, out);
+  with_float_type(x_dtype, [&](auto in_tag) {
+    using T = decltype(in_tag);
+    with_float_type(out_dtype, [&](auto out_tag) {
+      using Out = decltype(out_tag);
+      convert_rows_kernel<T, Out><<<static_cast<unsigned>(M), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), x_stride, H, row_scale, scale_stride, static_cast<Out*>(out));
+    });
   });
   MOEKIT_CUDA_CHECK_LAUNCH();
 }

@@ -2,12 +2,18 @@
 // weights. Every weight row of an active expert is streamed from memory once (16-byte loads,
 // several in flight per lane) and applied to all of that expert's tokens; the work of all active
 // experts is spread over every SM. Two launches:
-//   gemm1: h[pair, j] = bf16(act(W13[e] gate_j . a1[t] + b, W13[e] up_j . a1[t] + b))
+//   gemm1: h[pair, j] = act(W13[e] gate_j . a1[t] + b, W13[e] up_j . a1[t] + b)
 //   gemm2: fused_out[pair, :] = W2[e] . h[pair] + b2[e]   (zeros for pairs with id -1)
-// where pair = t * k + s and e = ids[t, s]. Each block lists the active experts on its own (a
-// bitmap of the ids in shared memory), then its warps work persistently through the items
-// (active expert, rows); no sort or host round trip precedes the launches.
+// where pair = t * k + s and e = ids[t, s]. Weights and activations are of one element type T
+// (bf16, fp16, e4m3); the dots run in fp32 on the stored codes, then take the weight row's scale
+// and the activation row's scale (e4m3; 1 for float formats). With e4m3, h is written in fp32
+// and requantized between the launches (as DeviceWeights::a2_scale says): fp8 weights halve the
+// bytes streamed, and W2 reads e4m3 activations like the grouped GEMM. Each block lists the active
+// experts on its own (a bitmap of the ids in shared memory), then its warps work persistently
+// through the items (active expert, rows); no sort or host round trip precedes the launches.
 #include <algorithm>
+#include <functional>
+#include <type_traits>
 
 #include "cuda/check.h"
 #include "cuda/device.cuh"
@@ -84,14 +90,14 @@ __device__ __forceinline__ int pair_of(int mine, int t, int nt) {
   return t < nt ? p : 0;
 }
 
-// acc[r][t] = row w[r] . x[t] over K (K % 8 == 0, rows 16-byte aligned), summed over the warp.
-// Tokens t >= nt are skipped.
-template <int R>
-__device__ __forceinline__ void warp_dots(const uint16_t* const (&w)[R],
-                                          const uint16_t* const (&x)[kTokens], int nt, int64_t K,
-                                          float (&acc)[R][kTokens]) {
+// acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
+// summed over the warp. Tokens t >= nt are skipped.
+template <typename T, int R>
+__device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const (&x)[kTokens],
+                                          int nt, int64_t K, float (&acc)[R][kTokens]) {
+  constexpr int kElems = Vec16<T>::kElems;
   const int lane = threadIdx.x % kWarp;
-  const int64_t chunks = K / 8;
+  const int64_t chunks = K / kElems;
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -103,7 +109,7 @@ __device__ __forceinline__ void warp_dots(const uint16_t* const (&w)[R],
       const int64_t c = c0 + u * kWarp;
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        wv[u][r] = c < chunks ? load_stream(w[r] + c * 8) : make_uint4(0, 0, 0, 0);
+        wv[u][r] = c < chunks ? load_stream(w[r] + c * kElems) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -114,7 +120,7 @@ __device__ __forceinline__ void warp_dots(const uint16_t* const (&w)[R],
         if (t >= nt) break;
         const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x[t]) + c);
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][t] = dot8(wv[u][r], xv, acc[r][t]);
+        for (int r = 0; r < R; ++r) acc[r][t] = Vec16<T>::dot(wv[u][r], xv, acc[r][t]);
       }
     }
   }
@@ -131,8 +137,16 @@ __device__ __forceinline__ int64_t expert_index(const DeviceWeights& w, int e) {
   return w.index ? w.index[e] : e;
 }
 
-__device__ __forceinline__ float bias_at(const uint16_t* b, int64_t i) {
-  return b ? bf16_bits_to_float(b[i]) : 0.0f;
+__device__ __forceinline__ float bias_at(const float* b, int64_t i) {
+  return b ? b[i] : 0.0f;
+}
+
+// Weight row scales (fp32 per row, null: float weights) and activation row scales.
+__device__ __forceinline__ float scale_at(const float* s, int64_t i) {
+  return s ? s[i] : 1.0f;
+}
+__device__ __forceinline__ float scale_at(RowScale s, int64_t row) {
+  return s.scale ? s.scale[row * s.stride] : 1.0f;
 }
 
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
@@ -140,18 +154,20 @@ __device__ __forceinline__ float bias_at(const uint16_t* b, int64_t i) {
 // 2j, 2j+1); a GEMM2 task is kRows2 consecutive output rows.
 constexpr int kRows2 = 2;
 
+template <typename T, typename OutH>
 __global__ void __launch_bounds__(kThreads, 2)
-    gemm1_kernel(DeviceWeights w, const uint16_t* __restrict__ a1, int64_t a1_stride,
+    gemm1_kernel(DeviceWeights w, const T* __restrict__ a1, int64_t a1_stride, RowScale a1_scale,
                  const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs, int k,
-                 uint16_t* __restrict__ h) {
+                 OutH* __restrict__ h) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
   load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
-  const int64_t I = w.intermediate, H = w.hidden;
+  const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
   const int64_t tasks = act.gated ? I : I / 2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const T* w13 = static_cast<const T*>(w.w13);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
@@ -159,17 +175,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t j0 = act.gated ? task : 2 * task;
     const int64_t rows[2] = {act.gated ? act.gate_row(j0, I) : j0,
                              act.gated ? act.up_row(j0, I) : j0 + 1};
-    const uint16_t* const wr[2] = {w.w13 + ex * w.w13_expert_stride + rows[0] * w.w13_row_stride,
-                                   w.w13 + ex * w.w13_expert_stride + rows[1] * w.w13_row_stride};
-    const float b0 = bias_at(w.b13, ex * w.b13_expert_stride + rows[0]);
-    const float b1 = bias_at(w.b13, ex * w.b13_expert_stride + rows[1]);
+    const T* const wr[2] = {w13 + ex * w.w13_expert_stride + rows[0] * w.w13_row_stride,
+                            w13 + ex * w.w13_expert_stride + rows[1] * w.w13_row_stride};
+    const float b0 = bias_at(w.b13, ex * rows13 + rows[0]);
+    const float b1 = bias_at(w.b13, ex * rows13 + rows[1]);
+    const float s0 = scale_at(w.s13, ex * rows13 + rows[0]);
+    const float s1 = scale_at(w.s13, ex * rows13 + rows[1]);
     int mine = 0;
     for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
-      const uint16_t* x[kTokens];
+      const T* x[kTokens];
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) x[t] = a1 + pair_of(mine, t, nt) / k * a1_stride;
       float acc[2][kTokens];
-      warp_dots<2>(wr, x, nt, H, acc);
+      warp_dots<T, 2>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
       if (lane < nt) {
         // Lane t writes token t (compile-time indices through the unrolled select).
@@ -177,21 +195,26 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int t = 1; t < kTokens; ++t)
           if (lane == t) g = acc[0][t], u = acc[1][t];
-        uint16_t* out = h + static_cast<int64_t>(mine) * I;
+        const float xs = scale_at(a1_scale, mine / k);
+        g = g * s0 * xs + b0;
+        u = u * s1 * xs + b1;
+        OutH* out = h + static_cast<int64_t>(mine) * I;
         if (act.gated) {
-          out[j0] = float_to_bf16_bits(apply_activation(act, g + b0, u + b1));
+          store_float(out, j0, apply_activation(act, g, u));
         } else {
-          out[j0] = float_to_bf16_bits(apply_activation(act, g + b0, 0.0f));
-          out[j0 + 1] = float_to_bf16_bits(apply_activation(act, u + b1, 0.0f));
+          store_float(out, j0, apply_activation(act, g, 0.0f));
+          store_float(out, j0 + 1, apply_activation(act, u, 0.0f));
         }
       }
     }
   }
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    gemm2_kernel(DeviceWeights w, const uint16_t* __restrict__ h, const int32_t* __restrict__ ids,
-                 int64_t ids_stride, int num_pairs, int k, float* __restrict__ out) {
+    gemm2_kernel(DeviceWeights w, const T* __restrict__ h, RowScale h_scale,
+                 const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs, int k,
+                 float* __restrict__ out) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
   load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
@@ -203,34 +226,37 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tasks = H / kRows2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const T* w2 = static_cast<const T*>(w.w2);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
     const int64_t row0 = (item % tasks) * kRows2, ex = expert_index(w, e);
-    const uint16_t* wr[kRows2];
+    const T* wr[kRows2];
 #pragma unroll
     for (int r = 0; r < kRows2; ++r)
-      wr[r] = w.w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
+      wr[r] = w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
     int mine = 0;
     for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
       int pairs[kTokens];
-      const uint16_t* x[kTokens];
+      const T* x[kTokens];
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) {
         pairs[t] = pair_of(mine, t, nt);
         x[t] = h + pairs[t] * I;
       }
       float acc[kRows2][kTokens];
-      warp_dots<kRows2>(wr, x, nt, I, acc);
+      warp_dots<T, kRows2>(wr, x, nt, I, acc);
       const int lane = threadIdx.x % kWarp;
       // Lane (t * kRows2 + r) writes row r of token t.
 #pragma unroll
       for (int t = 0; t < kTokens; ++t)
 #pragma unroll
         for (int r = 0; r < kRows2; ++r)
-          if (lane == t * kRows2 + r && t < nt)
+          if (lane == t * kRows2 + r && t < nt) {
+            const int64_t row = ex * H + row0 + r;
             out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
-                acc[r][t] + bias_at(w.b2, ex * w.b2_expert_stride + row0 + r);
+                acc[r][t] * scale_at(w.s2, row) * scale_at(h_scale, pairs[t]) + bias_at(w.b2, row);
+          }
     }
   }
 }
@@ -245,27 +271,74 @@ unsigned persistent_blocks(Kernel kernel, size_t smem) {
   return static_cast<unsigned>(std::max(1, sms * per_sm));
 }
 
-}  // namespace
-
-void small_batch_experts(const DeviceWeights& w, const uint16_t* a1, int64_t a1_stride,
-                         const int32_t* ids, int64_t ids_stride, int64_t M, int k, uint16_t* h,
-                         float* fused_out, cudaStream_t stream) {
-  MOEKIT_CHECK(w.num_local <= kMaxLocalExperts, "small-batch experts: E_local ", w.num_local, " > ",
-               kMaxLocalExperts);
-  // Token chunks of at most kSmallBatchMaxPairs pairs: the ids of a chunk live in shared memory.
+// Token chunks of at most kSmallBatchMaxPairs pairs (the ids of a chunk live in shared memory):
+// f(first token, pairs, shared memory bytes) per chunk.
+template <typename F>
+void for_each_chunk(int64_t M, int k, F&& f) {
   const int64_t chunk = std::max<int64_t>(1, kSmallBatchMaxPairs / k);
   for (int64_t t0 = 0; t0 < M; t0 += chunk) {
     const int pairs = static_cast<int>(std::min(chunk, M - t0) * k);
-    const size_t smem = pairs * sizeof(int32_t);
-    gemm1_kernel<<<persistent_blocks(gemm1_kernel, smem), kThreads, smem, stream>>>(
-        w, a1 + t0 * a1_stride, a1_stride, ids + t0 * ids_stride, ids_stride, pairs, k,
-        h + t0 * k * w.intermediate);
-    MOEKIT_CUDA_CHECK_LAUNCH();
-    gemm2_kernel<<<persistent_blocks(gemm2_kernel, smem), kThreads, smem, stream>>>(
-        w, h + t0 * k * w.intermediate, ids + t0 * ids_stride, ids_stride, pairs, k,
-        fused_out + t0 * k * w.hidden);
-    MOEKIT_CUDA_CHECK_LAUNCH();
+    f(t0, pairs, pairs * sizeof(int32_t));
   }
+}
+
+RowScale offset(RowScale s, int64_t rows) {
+  return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
+}
+
+// GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
+template <typename T, typename OutH>
+void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, RowScale a1_scale,
+                     const int32_t* ids, int64_t ids_stride, int64_t M, int k, OutH* h, const T* hq,
+                     RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
+                     cudaStream_t stream) {
+  const int64_t I = w.intermediate, H = w.hidden;
+  for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
+    gemm1_kernel<T, OutH>
+        <<<persistent_blocks(gemm1_kernel<T, OutH>, smem), kThreads, smem, stream>>>(
+            w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0), ids + t0 * ids_stride,
+            ids_stride, pairs, k, h + t0 * k * I);
+    MOEKIT_CUDA_CHECK_LAUNCH();
+  });
+  if (requantize) requantize();
+  for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
+    gemm2_kernel<T><<<persistent_blocks(gemm2_kernel<T>, smem), kThreads, smem, stream>>>(
+        w, hq + t0 * k * I, offset(h_scale, t0 * k), ids + t0 * ids_stride, ids_stride, pairs, k,
+        fused_out + t0 * k * H);
+    MOEKIT_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace
+
+void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stride,
+                         RowScale a1_scale, const int32_t* ids, int64_t ids_stride, int64_t M,
+                         int k, const SmallBatchBuffers& buf, float* fused_out,
+                         cudaStream_t stream) {
+  MOEKIT_CHECK(w.num_local <= kMaxLocalExperts, "small-batch experts: E_local ", w.num_local, " > ",
+               kMaxLocalExperts);
+  if (M == 0) return;
+  with_compute_type(w.elem, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(a1);
+    if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
+      // h in fp32, every row zero first: pairs with id -1 are never written, and the amax of a
+      // per-tensor scale (or a per-token scale) must not read garbage there.
+      const int64_t P = M * k, I = w.intermediate;
+      float* h = static_cast<float*>(buf.h);
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(h, 0, P * I * sizeof(float), stream));
+      const Fp8Rows q{.q = buf.h8, .kind = w.a2_scale, .scale = buf.h_scale, .amax = buf.amax};
+      const RowScale h_scale{buf.h_scale, w.a2_scale == ScaleKind::kToken ? 1 : 0};
+      run_small_batch<T, float>(
+          w, x, a1_stride, a1_scale, ids, ids_stride, M, k, h, reinterpret_cast<const T*>(buf.h8),
+          h_scale, [&] { quantize_rows_fp8(h, DType::kF32, I, P, I, nullptr, 0, q, stream); },
+          fused_out, stream);
+    } else {
+      T* h = static_cast<T*>(buf.h);
+      run_small_batch<T, T>(w, x, a1_stride, a1_scale, ids, ids_stride, M, k, h, h, RowScale{},
+                            nullptr, fused_out, stream);
+    }
+  });
 }
 
 }  // namespace moekit::cuda
