@@ -157,6 +157,16 @@ TEST(Cli, CheckPassesOnATinyShape) {
   EXPECT_NE(r.output.find("PASS "), std::string::npos) << r.output;
 }
 
+TEST(Cli, CheckRunsQuantizedFormats) {
+  const RunResult r =
+      run_cli("check -E 8 -H 34 -I 18 -k 2 --tokens 1,7 --ranks 1,2 --placement linear "
+              "--format fp8-token,w4a16:g32:zp");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("fp8-token"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("w4a16:g32:zp"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" passed, 0 failed"), std::string::npos) << r.output;
+}
+
 TEST(Cli, BadArgumentsFailWithAMessage) {
   const std::string shape = " -E 8 -H 64 -I 32 -k 2";
   const struct {
@@ -171,6 +181,7 @@ TEST(Cli, BadArgumentsFailWithAMessage) {
       {"bench --isa sse9" + shape, "--isa"},
       {"bench -E 8 -H 64", "-k"},  // an incomplete explicit shape
       {"check --preset no-such-model", "qwen3-30b-a3b"},
+      {"check --format w4a16:g48" + shape, "group"},
       {"frobnicate", "frobnicate"},
   };
   for (const auto& c : cases) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "bench_parallel.h"
+#include "layer_spec.h"
 
 namespace moekit::cli {
 namespace {
@@ -112,7 +113,7 @@ RandomExperts make_random_experts(const RandomExpertsSpec& spec, std::span<const
   constexpr float kBiasStd = 0.1f;
   const int64_t n = int64_t(experts.size());
   const int64_t h = spec.hidden, i = spec.intermediate, rows = spec.activation.w13_rows(i);
-  const DType dtype = spec.format.is_float() ? spec.format.weight_dtype() : DType::kBF16;
+  const DType dtype = io_dtype(spec.format);  // quantized formats: drawn in bf16, then quantized
   RandomExperts r;
   r.w13 = Tensor(dtype, {n, rows, h});
   r.w2 = Tensor(dtype, {n, h, i});

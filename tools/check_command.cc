@@ -22,7 +22,7 @@ struct CheckCommandOptions {
   ShapeOptions shape;
   bool scale = true;
   std::string tokens;
-  std::vector<std::string> dtypes = {"bf16"};
+  std::vector<std::string> formats = {"bf16"};
   std::vector<std::string> experts;
   std::vector<std::string> placements;
   std::vector<int> ranks;
@@ -56,8 +56,15 @@ check::CheckOptions suite_options(const CheckCommandOptions& o) {
     c.biases = {spec.has_bias};
   }
   if (!o.tokens.empty()) c.tokens = parse_token_list(o.tokens, "--tokens");
+  // Float formats go to the dtype axis (x, y and weights in that dtype), the others to formats.
   c.dtypes.clear();
-  for (const std::string& d : o.dtypes) c.dtypes.push_back(parse_dtype(d));  // weight_dtype()
+  for (const std::string& f : o.formats) {
+    const QuantScheme q = parse_option("--format", [&] { return QuantScheme::parse(f); });
+    if (q.is_float())
+      c.dtypes.push_back(q.weight_dtype());
+    else
+      c.formats.push_back(q);
+  }
   if (!o.experts.empty()) c.experts = o.experts;
   if (!o.placements.empty()) {
     c.placements.clear();
@@ -72,12 +79,13 @@ check::CheckOptions suite_options(const CheckCommandOptions& o) {
 
 // A case's verdict over the ranks that ran it (trivially copyable: the ranks gather theirs).
 struct CaseOutcome {
-  int passed = 0, failed = 0;                     // ranks
+  int passed = 0, failed = 0, not_applicable = 0;  // ranks
   double max_err = 0, bound = 0, closeness = -1;  // of the closest call
 
   void add(const CaseOutcome& o) {
     passed += o.passed;
     failed += o.failed;
+    not_applicable += o.not_applicable;
     if (o.closeness > closeness) max_err = o.max_err, bound = o.bound, closeness = o.closeness;
   }
 };
@@ -85,13 +93,14 @@ struct CaseOutcome {
 // A case passes on a rank when every token count does; its line shows the closest call.
 CaseOutcome outcome(const std::vector<check::CaseResult>& results) {
   CaseOutcome c;
-  bool ok = true;
+  bool ok = true, applies = true;
   for (const check::CaseResult& r : results) {
     ok = ok && r.passed;
+    applies = applies && !r.not_applicable;
     if (&r == &results.front() || closeness(r) > c.closeness)
       c.max_err = r.max_err, c.bound = r.bound, c.closeness = closeness(r);
   }
-  (ok ? c.passed : c.failed) = 1;
+  (!ok ? c.failed : applies ? c.passed : c.not_applicable) = 1;
   return c;
 }
 
@@ -131,8 +140,11 @@ int run_check(const CheckCommandOptions& o) {
       all = outcome(results);
     total.add(all);
     if (leader) {
-      std::cout << (all.failed ? "FAIL " : "PASS ") << kase.name();
-      if (!results.empty()) std::cout << "  (max err " << all.max_err << " <= " << all.bound << ")";
+      std::cout << (all.failed ? "FAIL " : all.not_applicable ? "N/A  " : "PASS ") << kase.name();
+      if (all.not_applicable && !results.empty())
+        std::cout << "  (" << results.front().detail << ")";
+      else if (!results.empty())
+        std::cout << "  (max err " << all.max_err << " <= " << all.bound << ")";
       if (job && all.failed) std::cout << " on " << all.failed << " of " << job->size() << " ranks";
       std::cout << "\n";
     }
@@ -144,6 +156,8 @@ int run_check(const CheckCommandOptions& o) {
   }
   if (leader) {
     std::cout << total.passed << " passed, " << total.failed << " failed";
+    if (total.not_applicable)
+      std::cout << ", " << total.not_applicable << " not applicable (the experts refuse the format)";
     if (job) std::cout << " (each case counted on each of the " << job->size() << " ranks)";
     std::cout << "\n";
   }
@@ -164,9 +178,11 @@ Command add_check_command(CLI::App& app) {
                 "shrink a preset's H and I by " + std::to_string(kShrink) +
                     " to odd sizes (default on; explicit -H/-I are kept)");
   cmd->add_option("--tokens", o->tokens, "comma list of token counts (default 1,7,19,99,111)");
-  cmd->add_option("--dtype", o->dtypes, "comma list of dtypes: bf16, fp32")
+  cmd->add_option("--format", o->formats,
+                  "comma list of formats (DESIGN.md section 4): bf16, fp16, fp32, fp8-tensor, "
+                  "fp8-token, fp8-block, int8, w4a16, w8a16, w4a8, mxfp4, nvfp4, options after "
+                  "colons (w4a16:g32:zp); 4-bit formats need even H and I")
       ->delimiter(',')
-      ->check(weight_dtype())
       ->capture_default_str();
   cmd->add_option("--impl", o->experts, "comma list of Experts implementations (default all)")
       ->delimiter(',');

@@ -30,11 +30,6 @@ inline CLI::Validator non_negative() {
   return at_least(0, "a whole number >= 0", "NONNEGATIVE");
 }
 
-// The weight dtypes of the CPU experts.
-inline CLI::Validator weight_dtype() {
-  return CLI::IsMember({"bf16", "fp32"});
-}
-
 // Maps the names of `choices` to their enum values; shown in the help as TEXT:{name,...}.
 template <typename Enum>
 CLI::Validator one_of(const std::map<std::string, Enum>& choices) {
