@@ -1,6 +1,7 @@
 #include "quant/quantize_codes.h"
 
 #include <array>
+#include <bit>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -27,16 +28,6 @@ constexpr Code kCodes[] = {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Minifloat encoding by fp32 bit arithmetic, bit-identical to quant/encodings.h's encode() (the
 // tests compare them at every midpoint): below the smallest normal, adding 2^(emin - m + 23)
@@ -49,9 +40,9 @@ struct MiniFloatEncoder {
     const MiniFloatTraits& t = traits(f);
     drop = uint32_t(23 - t.mantissa_bits);
     const int emin = 1 - t.bias;
-    min_normal = float_of(uint32_t(emin + 127) << 23);
+    min_normal = std::bit_cast<float>(uint32_t(emin + 127) << 23);
     magic = std::ldexp(1.0f, emin - t.mantissa_bits + 23);
-    magic_bits = bits_of(magic);
+    magic_bits = std::bit_cast<uint32_t>(magic);
     rebias = uint32_t(127 - t.bias) << t.mantissa_bits;
     max = t.max_finite;
     max_code = encode(f, max);
@@ -60,9 +51,9 @@ struct MiniFloatEncoder {
     nan_sign_mask = f == MiniFloat::kE2M1 ? 0u : 0xFFu;  // e2m1 encodes every NaN as +0
   }
   uint8_t operator()(float v) const {
-    const uint32_t u = bits_of(v), au = u & 0x7fffffffu;
-    const float a = float_of(au);
-    const uint32_t subnormal = bits_of(a + magic) - magic_bits;
+    const uint32_t u = std::bit_cast<uint32_t>(v), au = u & 0x7fffffffu;
+    const float a = std::bit_cast<float>(au);
+    const uint32_t subnormal = std::bit_cast<uint32_t>(a + magic) - magic_bits;
     const uint32_t normal = ((au + (1u << (drop - 1)) - 1u + ((au >> drop) & 1u)) >> drop) - rebias;
     uint32_t code = a < min_normal ? subnormal : normal;
     code = a < max ? code : max_code;  // +-inf and overflow saturate
