@@ -229,19 +229,11 @@ TEST(CheckSuite, RegistryHasTheReferenceEveryCpuIsaAndAFallback) {
 // Wraps reference experts and breaks them in one way.
 enum class Defect { kComputesMinusOne, kAppliesWeights, kShiftsLocalIds, kDropsAColumn };
 
-class BrokenExperts final : public Experts {
+class BrokenExperts final : public test::ForwardingExperts {
  public:
   BrokenExperts(const ExpertWeights& w, const Activation& act, Defect d)
-      : inner_(make_reference_experts(w, act)), defect_(d) {}
+      : ForwardingExperts(make_reference_experts(w, act)), defect_(d) {}
   std::string_view name() const override { return "broken"; }
-  ActivationFormat activation_format() const override { return inner_->activation_format(); }
-  ActivationSpec activation_spec() const override { return inner_->activation_spec(); }
-  TopKWeightApplied weight_application() const override { return inner_->weight_application(); }
-  const ExpertsInfo& info() const override { return inner_->info(); }
-  std::optional<std::string> can_implement(const MoEProblem& p) const override {
-    return inner_->can_implement(p);
-  }
-  size_t workspace_size(const MoEProblem& p) const override { return inner_->workspace_size(p); }
   void apply(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
              const ExecContext& ctx) const override {
     const int64_t M = b.topk_ids.size(0), k = b.topk_ids.size(1), H = info().hidden;
@@ -266,7 +258,6 @@ class BrokenExperts final : public Experts {
   }
 
  private:
-  std::shared_ptr<Experts> inner_;
   Defect defect_;
 };
 

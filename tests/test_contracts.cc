@@ -137,18 +137,9 @@ INSTANTIATE_TEST_SUITE_P(Registry, ContractSuite, ::testing::ValuesIn(suite_case
 // ---- test-only parts --------------------------------------------------------------------
 
 // Experts that delegate to `inner` and record the dispatched ids and weights of every call.
-class RecordingExperts final : public Experts {
+class RecordingExperts final : public test::ForwardingExperts {
  public:
-  explicit RecordingExperts(std::shared_ptr<Experts> inner) : inner_(std::move(inner)) {}
-  std::string_view name() const override { return inner_->name(); }
-  ActivationFormat activation_format() const override { return inner_->activation_format(); }
-  ActivationSpec activation_spec() const override { return inner_->activation_spec(); }
-  TopKWeightApplied weight_application() const override { return inner_->weight_application(); }
-  const ExpertsInfo& info() const override { return inner_->info(); }
-  std::optional<std::string> can_implement(const MoEProblem& p) const override {
-    return inner_->can_implement(p);
-  }
-  size_t workspace_size(const MoEProblem& p) const override { return inner_->workspace_size(p); }
+  using ForwardingExperts::ForwardingExperts;
   void apply(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
              const ExecContext& ctx) const override {
     for (int64_t t = 0; t < b.topk_ids.size(0); ++t)
@@ -160,9 +151,6 @@ class RecordingExperts final : public Experts {
   }
   mutable std::vector<int32_t> ids;  // [M, k] over all chunks
   mutable std::vector<float> weights;
-
- private:
-  std::shared_ptr<Experts> inner_;
 };
 
 // Experts that only describe themselves: `format` and `refusal` are what contract 5 is about.

@@ -15,6 +15,7 @@
 #include "moekit/cpu.h"
 #include "moekit/dist/ep.h"
 #include "moekit/modular.h"
+#include "support/test_support.h"
 #include "moekit/quant/quantize.h"
 #include "moekit/reference.h"
 
@@ -64,18 +65,9 @@ inline std::vector<ScaledRow> expected_rows(const TensorView& x, const TensorVie
 
 // Experts that record the rows the experts compute (a row with a valid id, or within a batched
 // expert's count) with their scales, then delegate to `inner`.
-class ScaleRecordingExperts final : public Experts {
+class ScaleRecordingExperts final : public ForwardingExperts {
  public:
-  explicit ScaleRecordingExperts(std::shared_ptr<Experts> inner) : inner_(std::move(inner)) {}
-  std::string_view name() const override { return inner_->name(); }
-  ActivationFormat activation_format() const override { return inner_->activation_format(); }
-  ActivationSpec activation_spec() const override { return inner_->activation_spec(); }
-  TopKWeightApplied weight_application() const override { return inner_->weight_application(); }
-  const ExpertsInfo& info() const override { return inner_->info(); }
-  std::optional<std::string> can_implement(const MoEProblem& p) const override {
-    return inner_->can_implement(p);
-  }
-  size_t workspace_size(const MoEProblem& p) const override { return inner_->workspace_size(p); }
+  using ForwardingExperts::ForwardingExperts;
   void apply(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
              const ExecContext& ctx) const override {
     kinds.push_back(b.a1_scale.kind);
@@ -96,9 +88,6 @@ class ScaleRecordingExperts final : public Experts {
   }
   mutable std::vector<ScaleKind> kinds;  // per call
   mutable std::vector<ScaledRow> rows;   // over all calls
-
- private:
-  std::shared_ptr<Experts> inner_;
 };
 
 // The static per-tensor scale of formats with the static option: not what a dynamic scale of

@@ -22,6 +22,28 @@
 
 namespace moekit::test {
 
+// Experts that forward everything to `inner`: test wrappers override what they change.
+class ForwardingExperts : public Experts {
+ public:
+  explicit ForwardingExperts(std::shared_ptr<Experts> inner) : inner_(std::move(inner)) {}
+  std::string_view name() const override { return inner_->name(); }
+  ActivationFormat activation_format() const override { return inner_->activation_format(); }
+  ActivationSpec activation_spec() const override { return inner_->activation_spec(); }
+  TopKWeightApplied weight_application() const override { return inner_->weight_application(); }
+  const ExpertsInfo& info() const override { return inner_->info(); }
+  std::optional<std::string> can_implement(const MoEProblem& p) const override {
+    return inner_->can_implement(p);
+  }
+  size_t workspace_size(const MoEProblem& p) const override { return inner_->workspace_size(p); }
+  void apply(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
+             const ExecContext& ctx) const override {
+    inner_->apply(b, out, ws, ctx);
+  }
+
+ protected:
+  std::shared_ptr<Experts> inner_;
+};
+
 // A tensor of uniform values in [lo, hi), deterministic in seed.
 Tensor random_tensor(DType dtype, std::initializer_list<int64_t> shape, uint64_t seed,
                      double lo = -1.0, double hi = 1.0);
