@@ -77,8 +77,18 @@ std::unique_ptr<MoELayer> make_cpu_layer(const MoELayerConfig& config,
 struct CudaLayerOptions {
   std::optional<ExpertMap> map;  // default: linear over 1 rank
   int rank = 0;
-  int64_t max_small_tokens = 16;  // small-batch experts up to this many dispatched rows
+  // Small-batch experts up to this many dispatched rows, grouped GEMM above; -1: from the shape
+  // (cuda_small_batch_rows). MOEKIT_LOG_CHOICES=1 logs each forward's choice.
+  int64_t max_small_tokens = -1;
 };
+
+// The rows up to which the small-batch (decode) experts beat the grouped GEMM, from the shape:
+// small-batch streams each active expert's weights once per few rows, the grouped GEMM once per
+// tile of rows at a fixed cost of sorting and launches, so the crossover is at about two rows per
+// expert: rows * k / min(E_local, rows * k) <= 2, i.e. rows <= max(1, 2 * E_local / k). Measured
+// on H100/H200 (bench/notes_cuda.md): one row per expert (qwen3 at 16 tokens) favours small-batch,
+// four (mixtral at 16 tokens) the grouped GEMM.
+int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k);
 
 // A layer on the CUDA device that holds the weights: routed weights global [E, ...] on the
 // device (the rank's experts are viewed, not copied: they must outlive the layer), shared (if

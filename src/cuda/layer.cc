@@ -1,8 +1,14 @@
 // make_cuda_layer: the CUDA parts of the modular kernel assembled into a MoELayer.
+#include <algorithm>
+
 #include "moekit/cuda.h"
 #include "moekit/layer.h"
 
 namespace moekit {
+
+int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k) {
+  return std::max<int64_t>(1, 2 * num_local_experts / std::max(1, top_k));
+}
 
 std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
                                           const ExpertWeights& routed_weights,
@@ -20,10 +26,16 @@ std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
   const KernelConfig kernel{config.router.top_k, config.act_dtype, config.chunk_tokens, device,
                             cuda_workspace_allocator(device.id)};
   const ExpertWeights local = ExpertWeights::local_view(routed_weights, map, options.rank);
+  auto small_rows = [&](int64_t experts, int k) {
+    return options.max_small_tokens >= 0 ? options.max_small_tokens
+                                         : cuda_small_batch_rows(experts, k);
+  };
   auto wr = make_cuda_weight_and_reduce();
   auto routed = std::make_shared<ModularKernel>(
       make_cuda_prepare_finalize(map, options.rank),
-      make_cuda_experts(local, config.activation, options.max_small_tokens), wr, kernel);
+      make_cuda_experts(local, config.activation,
+                        small_rows(local.num_local(), config.router.top_k)),
+      wr, kernel);
   std::shared_ptr<ModularKernel> shared;
   if (shared_weights) {
     MOEKIT_CHECK(shared_weights->num_local() == 1, "make_cuda_layer: shared weights hold ",
@@ -32,7 +44,7 @@ std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
     one.top_k = 1;
     shared = std::make_shared<ModularKernel>(
         make_cuda_prepare_finalize(ExpertMap::linear(1, 1), 0),
-        make_cuda_experts(*shared_weights, config.activation, options.max_small_tokens), wr, one);
+        make_cuda_experts(*shared_weights, config.activation, small_rows(1, 1)), wr, one);
   }
   return std::make_unique<MoELayer>(config, std::move(routed), std::move(shared), correction_bias);
 }
