@@ -1,6 +1,7 @@
 // Device-side helpers shared by the .cu files: bf16 -> fp32 on raw uint16_t storage (moekit's
 // bf16 tensors are plain 16-bit words), 16-byte loads and dot products per element type, warp
-// reductions, grid sizing, and the switches from DType to device element types.
+// reductions, grid sizing, programmatic dependent launch, and the switches from DType to device
+// element types.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +9,9 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <utility>
 
+#include "cuda/check.h"
 #include "moekit/core/dtype.h"
 #include "moekit/core/error.h"
 
@@ -135,6 +138,36 @@ __device__ __forceinline__ void store_float(__half* p, int64_t i, float v) {
 template <>
 __device__ __forceinline__ void store_float(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16_rn(v);
+}
+
+// Programmatic dependent launch (PDL): a kernel launched with launch_chained may start while the
+// kernel before it in the stream still runs, once every block of that one has called
+// launch_dependents (or exited). grid_dependency_wait returns when the previous kernel has
+// finished and its writes are visible (at once for a plain launch). Rule for every kernel here:
+// call launch_dependents only after grid_dependency_wait. Then a chained kernel, before its wait,
+// may read what the kernel two launches back (or earlier) wrote, and must write nothing.
+__device__ __forceinline__ void grid_dependency_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+__device__ __forceinline__ void launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch (above).
+template <typename... Params, typename... Args>
+void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  MOEKIT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 inline unsigned blocks_for(int64_t n, int threads) {

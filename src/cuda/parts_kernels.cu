@@ -15,6 +15,8 @@ __global__ void map_ids_kernel(const int32_t* __restrict__ global_ids, int64_t i
                                int64_t token_key_offset, bool weight_on_input,
                                int32_t* __restrict__ local_ids, float* __restrict__ local_weights,
                                int32_t* __restrict__ bad_count) {
+  grid_dependency_wait();
+  launch_dependents();  // the experts' first kernel may start (it waits for these ids)
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= M * k) return;
   const int64_t t = i / k;
@@ -58,6 +60,8 @@ __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k,
                                          int64_t weights_stride, bool apply_weights,
                                          T* __restrict__ y, int64_t y_stride) {
   extern __shared__ float slot_weight[];  // [k]; NaN marks a skipped slot
+  grid_dependency_wait();                 // fused comes from the kernel just before
+  launch_dependents();
   const int64_t t = blockIdx.x;
   const int64_t h0 = (blockIdx.y * int64_t(blockDim.x) + threadIdx.x) * kCols;
   if (!reduced) {
@@ -117,11 +121,11 @@ void weight_and_reduce(const float* fused, int64_t M, int k, int64_t H, bool red
   with_float_type(y_dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(M), blocks_for(H, kThreads * kCols));
-    weight_and_reduce_kernel<T><<<grid, kThreads, k * sizeof(float), stream>>>(
-        fused, k, H, reduced, ids, ids_stride, weights, weights_stride, apply_weights,
-        static_cast<T*>(y), y_stride);
+    // Chained: its launch overlaps the tail of the kernel that writes `fused`.
+    launch_chained(weight_and_reduce_kernel<T>, grid, kThreads, k * sizeof(float), stream, fused, k,
+                   H, reduced, ids, ids_stride, weights, weights_stride, apply_weights,
+                   static_cast<T*>(y), y_stride);
   });
-  MOEKIT_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moekit::cuda

@@ -11,6 +11,8 @@
 // bytes streamed, and W2 reads e4m3 activations like the grouped GEMM. Each block lists the active
 // experts on its own (a bitmap of the ids in shared memory), then its warps work persistently
 // through the items (active expert, rows); no sort or host round trip precedes the launches.
+// Both launches are chained (programmatic dependent launch, device.cuh): gemm2 is scheduled as
+// gemm1's blocks retire and lists its experts before waiting for h.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
@@ -25,7 +27,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kTokens = 4;                    // tokens per pass over an item's rows
-constexpr int kUnroll = 4;                    // 16-byte chunks per row and lane in flight
 constexpr int kMaxLocalExperts = kWarp * 32;  // the active-expert bitmap is one warp's words
 
 // What every block computes once: the ids (as local experts, -1 when not computed here) and
@@ -92,7 +93,7 @@ __device__ __forceinline__ int pair_of(int mine, int t, int nt) {
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
 // summed over the warp. Tokens t >= nt are skipped.
-template <typename T, int R>
+template <typename T, int R, int U>
 __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const (&x)[kTokens],
                                           int nt, int64_t K, float (&acc)[R][kTokens]) {
   constexpr int kElems = Vec16<T>::kElems;
@@ -102,17 +103,17 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) acc[r][t] = 0.0f;
-  for (int64_t c0 = lane; c0 < chunks; c0 += kWarp * kUnroll) {
-    uint4 wv[kUnroll][R];
+  for (int64_t c0 = lane; c0 < chunks; c0 += kWarp * U) {
+    uint4 wv[U][R];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * kWarp;
 #pragma unroll
       for (int r = 0; r < R; ++r)
         wv[u][r] = c < chunks ? load_stream(w[r] + c * kElems) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * kWarp;
       if (c >= chunks) break;
 #pragma unroll
@@ -151,8 +152,15 @@ __device__ __forceinline__ float scale_at(RowScale s, int64_t row) {
 
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
 // warp of the grid. A GEMM1 task is intermediate column j (gate and up rows; non-gated: columns
-// 2j, 2j+1); a GEMM2 task is kRows2 consecutive output rows.
-constexpr int kRows2 = 2;
+// 2j, 2j+1); a GEMM2 task is kRows2<T> consecutive output rows. kUnroll*: 16-byte chunks per row
+// and lane in flight. gemm2 on 16-bit elements: 4 rows x 3 chunks (3 x 32 chunks cover a row of
+// 768 in one pass; 4 x 4 spills past the 128 registers of 2 blocks per SM); on e4m3 (16 codes a
+// chunk, a longer dot) 4 x 3 spills too, so 2 x 4.
+constexpr int kUnroll1 = 4;
+template <typename T>
+constexpr int kRows2 = sizeof(T) == 1 ? 2 : 4;
+template <typename T>
+constexpr int kUnroll2 = sizeof(T) == 1 ? 4 : 3;
 
 template <typename T, typename OutH>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -161,6 +169,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                  OutH* __restrict__ h) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
+  grid_dependency_wait();  // the ids (and a1) come from the kernels just before
+  launch_dependents();
   load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
@@ -187,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) x[t] = a1 + pair_of(mine, t, nt) / k * a1_stride;
       float acc[2][kTokens];
-      warp_dots<T, 2>(wr, x, nt, H, acc);
+      warp_dots<T, 2, kUnroll1>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
       if (lane < nt) {
         // Lane t writes token t (compile-time indices through the unrolled select).
@@ -217,23 +227,27 @@ __global__ void __launch_bounds__(kThreads, 2)
                  float* __restrict__ out) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
+  // Before the wait (chained launch: gemm1 may still run, but every block of it has passed its
+  // own wait, so the ids are written): routing only, no writes.
   load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
   const int64_t I = w.intermediate, H = w.hidden;
+  const int64_t tasks = H / kRows2<T>;
+  const int64_t items = sh.num_active * tasks;
+  const int64_t warps = int64_t(gridDim.x) * kWarps;
+  const T* w2 = static_cast<const T*>(w.w2);
+  grid_dependency_wait();  // h comes from gemm1 (or its requantization)
+  launch_dependents();
   // Pairs computed nowhere (id -1; ids past E_local are treated alike) get rows of zeros.
   for (int p = blockIdx.x; p < num_pairs; p += gridDim.x)
     if (ids_s[p] < 0)
       for (int64_t i = threadIdx.x; i < H; i += kThreads) out[p * H + i] = 0.0f;
-  const int64_t tasks = H / kRows2;
-  const int64_t items = sh.num_active * tasks;
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  const T* w2 = static_cast<const T*>(w.w2);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
-    const int64_t row0 = (item % tasks) * kRows2, ex = expert_index(w, e);
-    const T* wr[kRows2];
+    const int64_t row0 = (item % tasks) * kRows2<T>, ex = expert_index(w, e);
+    const T* wr[kRows2<T>];
 #pragma unroll
-    for (int r = 0; r < kRows2; ++r)
+    for (int r = 0; r < kRows2<T>; ++r)
       wr[r] = w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
     int mine = 0;
     for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
@@ -244,15 +258,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         pairs[t] = pair_of(mine, t, nt);
         x[t] = h + pairs[t] * I;
       }
-      float acc[kRows2][kTokens];
-      warp_dots<T, kRows2>(wr, x, nt, I, acc);
+      float acc[kRows2<T>][kTokens];
+      warp_dots<T, kRows2<T>, kUnroll2<T>>(wr, x, nt, I, acc);
       const int lane = threadIdx.x % kWarp;
-      // Lane (t * kRows2 + r) writes row r of token t.
+      // Lane (t * kRows2<T> + r) writes row r of token t.
 #pragma unroll
       for (int t = 0; t < kTokens; ++t)
 #pragma unroll
-        for (int r = 0; r < kRows2; ++r)
-          if (lane == t * kRows2 + r && t < nt) {
+        for (int r = 0; r < kRows2<T>; ++r)
+          if (lane == t * kRows2<T> + r && t < nt) {
             const int64_t row = ex * H + row0 + r;
             out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
                 acc[r][t] * scale_at(w.s2, row) * scale_at(h_scale, pairs[t]) + bias_at(w.b2, row);
@@ -293,19 +307,19 @@ void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, Row
                      RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
                      cudaStream_t stream) {
   const int64_t I = w.intermediate, H = w.hidden;
+  // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
+  // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2.
+  auto launch = [&](auto kernel, size_t smem, auto&&... args) {
+    launch_chained(kernel, persistent_blocks(kernel, smem), kThreads, smem, stream, args...);
+  };
   for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
-    gemm1_kernel<T, OutH>
-        <<<persistent_blocks(gemm1_kernel<T, OutH>, smem), kThreads, smem, stream>>>(
-            w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0), ids + t0 * ids_stride,
-            ids_stride, pairs, k, h + t0 * k * I);
-    MOEKIT_CUDA_CHECK_LAUNCH();
+    launch(gemm1_kernel<T, OutH>, smem, w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0),
+           ids + t0 * ids_stride, ids_stride, pairs, k, h + t0 * k * I);
   });
   if (requantize) requantize();
   for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
-    gemm2_kernel<T><<<persistent_blocks(gemm2_kernel<T>, smem), kThreads, smem, stream>>>(
-        w, hq + t0 * k * I, offset(h_scale, t0 * k), ids + t0 * ids_stride, ids_stride, pairs, k,
-        fused_out + t0 * k * H);
-    MOEKIT_CUDA_CHECK_LAUNCH();
+    launch(gemm2_kernel<T>, smem, w, hq + t0 * k * I, offset(h_scale, t0 * k),
+           ids + t0 * ids_stride, ids_stride, pairs, k, fused_out + t0 * k * H);
   });
 }
 
