@@ -86,9 +86,3 @@ target_compile_definitions(moekit_cuda PRIVATE MOEKIT_HAS_CUDA=1)
 target_link_libraries(moekit PUBLIC $<BUILD_INTERFACE:CUDA::cudart>
                                     $<INSTALL_INTERFACE:${CUDA_cudart_LIBRARY}>)
 
-if(MOEKIT_BUILD_TOOLS)
-  # bench/cuda_experts_bench.cu: timings of the CUDA layer against the card's ceilings.
-  add_executable(cuda_experts_bench bench/cuda_experts_bench.cu)
-  target_link_libraries(cuda_experts_bench PRIVATE moekit CUDA::cublas CUDA::cublasLt)
-  target_compile_options(cuda_experts_bench PRIVATE ${MOEKIT_CUDA_FLAGS})
-endif()
