@@ -108,10 +108,10 @@ TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
 
 // Pure host arithmetic: runs without a GPU too.
 TEST(CudaLayer, SmallBatchCrossoverFollowsRowsPerExpert) {
-  EXPECT_EQ(cuda_small_batch_rows(128, 8), 32);  // qwen3-30b-a3b: 16 tokens stay small-batch
-  EXPECT_EQ(cuda_small_batch_rows(8, 2), 8);     // mixtral-8x7b: 16 tokens go to the grouped GEMM
-  EXPECT_EQ(cuda_small_batch_rows(256, 8), 64);  // deepseek-v3
-  EXPECT_EQ(cuda_small_batch_rows(1, 1), 2);     // a shared expert
+  EXPECT_EQ(cuda_small_batch_rows(128, 8), 16);  // qwen3-30b-a3b: 16 tokens stay small-batch
+  EXPECT_EQ(cuda_small_batch_rows(8, 2), 4);     // mixtral-8x7b: 16 tokens go to the grouped GEMM
+  EXPECT_EQ(cuda_small_batch_rows(256, 8), 32);  // deepseek-v3: 64 tokens to the grouped GEMM
+  EXPECT_EQ(cuda_small_batch_rows(1, 1), 1);     // a shared expert
   EXPECT_EQ(cuda_small_batch_rows(0, 8), 1);     // a rank without experts
 }
 

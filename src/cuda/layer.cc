@@ -7,7 +7,7 @@
 namespace moekit {
 
 int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k) {
-  return std::max<int64_t>(1, 2 * num_local_experts / std::max(1, top_k));
+  return std::max<int64_t>(1, num_local_experts / std::max(1, top_k));
 }
 
 std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
