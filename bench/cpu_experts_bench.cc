@@ -1,11 +1,15 @@
-// Standalone driver for iterating on the CPU experts (not part of the build):
-//   g++ -O2 -std=c++20 -Iinclude -Isrc bench/cpu_experts_bench.cc build-cpu/libmoekit.a -lpthread \
-//       -o build-cpu/cpu_experts_bench
-//   build-cpu/cpu_experts_bench [preset] [tokens,...] [threads] [isa] [reps]
-// Random bf16 weights of the preset, random routing (top-k of random logits, what softmax
-// routing picks), cold caches (a 768 MiB read between timed runs; L3 here is 260 MB), median
-// of `reps` runs, against the roofline max(active weight bytes / read GB/s, flops / peak) of
-// this machine's measured ceilings.
+// Standalone driver for iterating on the CPU experts (target cpu_experts_bench, next to the
+// tools; uses the library's internal headers):
+//   cpu_experts_bench [preset] [tokens,...] [threads] [isa] [reps] [--format f1,f2,...]
+//   cpu_experts_bench kernel H,I,M [threads] [isa] [reps] [--format f] [--cold]
+//   cpu_experts_bench ceilings [ignored] [ignored] [isa]
+// Random bf16 weights of the preset (quantized with quantize_expert_weights for --format),
+// random routing (top-k of random logits, what softmax routing picks), cold caches (a 768 MiB
+// read between timed runs; L3 here is 260 MB), median of `reps` runs, against the roofline
+// max(active weight bytes of the format / read GB/s, flops / peak) of this machine's measured
+// ceilings (int8: the int8 dot-product peak). With several formats, each row also says how many
+// times faster than bf16 (when bf16 is in the list) the same token count ran: the median over
+// reps of bf16's time / the format's time, each rep running every format in turn.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -20,6 +24,7 @@
 
 #include "cpu/kernels.h"  // the peak loop, for the kernel mode
 #include "moekit/cpu.h"
+#include "moekit/quant/quantize.h"
 
 using namespace moekit;
 
@@ -51,78 +56,169 @@ double now_us() {
       .count();
 }
 
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; pos < s.size();) {
+    const size_t next = s.find(',', pos);
+    out.push_back(s.substr(pos, next - pos));
+    pos = next == std::string::npos ? s.size() : next + 1;
+  }
+  return out;
+}
+
+// Experts of `format` over random bf16 weights [E, 2I, H], [E, H, I] (quantized for quantized
+// formats; the packed experts keep no reference to them).
+std::shared_ptr<Experts> make_experts(const QuantScheme& q, int64_t E, int64_t H, int64_t I,
+                                      const CpuExpertsConfig& cfg) {
+  std::vector<uint16_t> w13(size_t(E * 2 * I * H)), w2(size_t(E * H * I));
+  fill_bf16(w13.data(), int64_t(w13.size()), 1);
+  fill_bf16(w2.data(), int64_t(w2.size()), 2);
+  ExpertWeights w;
+  w.w13 = TensorView(w13.data(), DType::kBF16, {E, 2 * I, H});
+  w.w2 = TensorView(w2.data(), DType::kBF16, {E, H, I});
+  if (q.is_float()) return make_cpu_experts(w, Activation{}, cfg);
+  const QuantizedExpertWeights qw = quantize_expert_weights(w, q);
+  return make_cpu_experts(qw.view(), Activation{}, cfg);
+}
+
+// a1 [M, H] as the experts want it: bf16 values, or x quantized with its typed scale.
+struct A1 {
+  Tensor a1, scale;
+  ActivationScale typed;
+  A1(const ActivationSpec& spec, int64_t M, int64_t H) {
+    Tensor x(DType::kBF16, {M, H});
+    fill_bf16(x.data<uint16_t>(), M * H, 3);
+    if (spec.scale == ScaleKind::kNone) {
+      a1 = std::move(x);
+      return;
+    }
+    a1 = Tensor(spec.dtype, {M, H});
+    const std::vector<int64_t> sh = activation_scale_shape(spec, M, H);
+    scale = sh.size() == 1 ? Tensor(spec.scale_dtype, {sh[0]})
+                           : Tensor(spec.scale_dtype, {sh[0], sh[1]});
+    quantize_activations(x, spec, a1, scale.view());
+    typed = {spec.scale, spec.scale == ScaleKind::kBlock ? spec.group : 0, scale.view()};
+  }
+};
+
+MoEProblem problem_of(const Experts& x, int64_t tokens, int k) {
+  const ExpertsInfo& i = x.info();
+  MoEProblem p;
+  p.num_experts = p.num_local_experts = i.num_local_experts;
+  p.hidden = i.hidden;
+  p.intermediate = i.intermediate;
+  p.top_k = k;
+  p.tokens = tokens;
+  p.weight_dtype = i.weight_dtype;
+  p.quant = i.quant;
+  p.activation = i.activation;
+  return p;
+}
+
+double cpu_seconds(clockid_t clock, const timespec& c0) {
+  timespec c1;
+  clock_gettime(clock, &c1);
+  return double(c1.tv_sec - c0.tv_sec) + 1e-9 * double(c1.tv_nsec - c0.tv_nsec);
+}
+
+// Hot caches, one expert, M rows: GFLOP (GOP for int8) per CPU-second against the peak loop
+// timed the same way.
+void kernel_mode(const QuantScheme& q, int64_t H, int64_t I, int64_t M, int threads, CpuIsa isa,
+                 int reps, bool cold) {
+  auto x = make_experts(q, 1, H, I, {.num_threads = threads, .isa = isa});
+  const A1 in(x->activation_spec(), M, H);
+  std::vector<char> ws_bytes(x->workspace_size(problem_of(*x, M, 1)));
+  std::vector<int32_t> ids(size_t(M), 0);
+  std::vector<float> out(size_t(M * H));
+  DispatchedBatch b;
+  b.a1 = in.a1;
+  b.a1_scale = in.typed;
+  b.topk_ids = TensorView(ids.data(), DType::kI32, {M, 1});
+  TensorView ov(out.data(), DType::kF32, {M, 1, H});
+  std::vector<double> per_cpu_s;
+  std::vector<char> flush(cold ? size_t(768) << 20 : 0, 1);
+  for (int r = 0; r < reps + 1; ++r) {
+    if (cold) {  // weights from DRAM: stream a buffer larger than L3 first
+      volatile uint64_t sink = cpu::kernels_for(isa).stream_read(flush.data(), flush.size());
+      (void)sink;
+    }
+    Workspace ws(ws_bytes.data(), ws_bytes.size());
+    timespec c0;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    x->apply(b, ov, ws, {});
+    const double cpu = cpu_seconds(CLOCK_PROCESS_CPUTIME_ID, c0);
+    if (r > 0) per_cpu_s.push_back(2.0 * double(M) * 3 * double(I * H) / cpu * 1e-9);
+  }
+  std::sort(per_cpu_s.begin(), per_cpu_s.end());
+  const bool int8 = x->activation_spec().dtype == DType::kI8;
+  double peak_cpu = 0;  // the peak loop, timed the same way
+  for (int r = 0; r < 5; ++r) {
+    timespec c0;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    const cpu::KernelTable& kt = cpu::kernels_for(isa);
+    const double f = int8 ? kt.peak_loop_int8(5000000) : kt.peak_loop(DType::kF32, 20000000);
+    peak_cpu = std::max(peak_cpu, f / cpu_seconds(CLOCK_THREAD_CPUTIME_ID, c0) * 1e-9);
+  }
+  std::printf(
+      "kernel%s %s H=%lld I=%lld M=%lld: %.1f G%s per CPU-second (median; max %.1f); "
+      "%s peak loop %.1f per CPU-second\n",
+      cold ? " (cold)" : "", q.str().c_str(), (long long)H, (long long)I, (long long)M,
+      per_cpu_s[per_cpu_s.size() / 2], int8 ? "OP" : "FLOP", per_cpu_s.back(),
+      int8 ? "int8" : "FMA", peak_cpu);
+}
+
+// Top-k of random normal logits per token.
+std::vector<int32_t> random_ids(int64_t M, int64_t E, int k) {
+  std::vector<int32_t> ids(size_t(M * k));
+  std::mt19937 rng(42);
+  std::normal_distribution<float> nd;
+  std::vector<float> logits(static_cast<size_t>(E));
+  std::vector<int> idx(static_cast<size_t>(E));
+  for (int64_t t = 0; t < M; ++t) {
+    for (auto& l : logits) l = nd(rng);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int a, int b) { return logits[size_t(a)] > logits[size_t(b)]; });
+    for (int s = 0; s < k; ++s) ids[size_t(t * k + s)] = idx[size_t(s)];
+  }
+  return ids;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string preset_name = argc > 1 ? argv[1] : "qwen3-30b-a3b";
-  std::vector<int64_t> token_list;
-  {
-    std::string s = argc > 2 ? argv[2] : "1,32,512";
-    for (size_t pos = 0; pos < s.size();) {
-      size_t next = s.find(',', pos);
-      token_list.push_back(std::stoll(s.substr(pos, next - pos)));
-      pos = next == std::string::npos ? s.size() : next + 1;
-    }
+  std::vector<std::string> args, formats = {"bf16"};
+  bool cold = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--format" && i + 1 < argc)
+      formats = split(argv[++i]);
+    else if (std::string(argv[i]) == "--cold")
+      cold = true;
+    else
+      args.push_back(argv[i]);
   }
-  const int threads = argc > 3 ? std::atoi(argv[3]) : 2;
-  const CpuIsa isa = argc > 4 ? parse_cpu_isa(argv[4]) : detect_cpu_isa();
-  const int reps = argc > 5 ? std::atoi(argv[5]) : 7;
+  auto arg = [&](size_t i, const char* def) {
+    return i < args.size() ? args[i] : std::string(def);
+  };
+  const std::string preset_name = arg(0, "qwen3-30b-a3b");
+  std::vector<int64_t> token_list;
+  for (const std::string& t : split(arg(1, "1,32,512"))) token_list.push_back(std::stoll(t));
+  const int threads = std::stoi(arg(2, "2"));
+  const CpuIsa isa = args.size() > 3 ? parse_cpu_isa(args[3]) : detect_cpu_isa();
+  const int reps = std::stoi(arg(4, "7"));
   if (preset_name == "kernel") {  // hot caches, one expert, flops per CPU-second
-    const int64_t H = token_list.at(0), I = token_list.at(1), M = token_list.at(2);
-    std::vector<uint16_t> w13(size_t(2 * I * H)), w2(size_t(H * I)), a1(size_t(M * H));
-    fill_bf16(w13.data(), int64_t(w13.size()), 1);
-    fill_bf16(w2.data(), int64_t(w2.size()), 2);
-    fill_bf16(a1.data(), int64_t(a1.size()), 3);
-    ExpertWeights w;
-    w.w13 = TensorView(w13.data(), DType::kBF16, {1, 2 * I, H});
-    w.w2 = TensorView(w2.data(), DType::kBF16, {1, H, I});
-    auto x = make_cpu_experts(w, Activation{}, {.num_threads = threads, .isa = isa});
-    MoEProblem p;
-    p.num_experts = p.num_local_experts = 1;
-    p.hidden = H;
-    p.intermediate = I;
-    p.top_k = 1;
-    p.tokens = M;
-    std::vector<char> ws_bytes(x->workspace_size(p));
-    std::vector<int32_t> ids(size_t(M), 0);
-    std::vector<float> out(size_t(M * H));
-    DispatchedBatch b;
-    b.a1 = TensorView(a1.data(), DType::kBF16, {M, H});
-    b.topk_ids = TensorView(ids.data(), DType::kI32, {M, 1});
-    TensorView ov(out.data(), DType::kF32, {M, 1, H});
-    std::vector<double> per_cpu_s;
-    for (int r = 0; r < reps + 1; ++r) {
-      Workspace ws(ws_bytes.data(), ws_bytes.size());
-      timespec c0, c1;
-      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
-      x->apply(b, ov, ws, {});
-      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
-      const double cpu = double(c1.tv_sec - c0.tv_sec) + 1e-9 * double(c1.tv_nsec - c0.tv_nsec);
-      if (r > 0) per_cpu_s.push_back(2.0 * double(M) * 3 * double(I * H) / cpu * 1e-9);
-    }
-    std::sort(per_cpu_s.begin(), per_cpu_s.end());
-    double peak_cpu = 0;  // the FMA peak loop, timed the same way
-    for (int r = 0; r < 5; ++r) {
-      timespec c0, c1;
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-      const double f = cpu::kernels_for(isa).peak_loop(DType::kF32, 20000000);
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-      const double cpu = double(c1.tv_sec - c0.tv_sec) + 1e-9 * double(c1.tv_nsec - c0.tv_nsec);
-      peak_cpu = std::max(peak_cpu, f / cpu * 1e-9);
-    }
-    std::printf(
-        "kernel H=%lld I=%lld M=%lld: %.1f GFLOP per CPU-second (median; max %.1f); "
-        "FMA peak loop %.1f per CPU-second\n",
-        (long long)H, (long long)I, (long long)M, per_cpu_s[per_cpu_s.size() / 2], per_cpu_s.back(),
-        peak_cpu);
+    for (const std::string& f : formats)
+      kernel_mode(QuantScheme::parse(f), token_list.at(0), token_list.at(1), token_list.at(2),
+                  threads, isa, reps, cold);
     return 0;
   }
   if (preset_name == "ceilings") {
     for (int rep = 0; rep < 3; ++rep)
       for (int t : {1, 2})
-        std::printf("threads=%d read=%.1f GB/s peak bf16=%.1f fp32=%.1f GFLOP/s\n", t,
-                    measure_dram_read_gbps(t), measure_cpu_peak_gflops(isa, DType::kBF16, t),
-                    measure_cpu_peak_gflops(isa, DType::kF32, t));
+        std::printf("threads=%d read=%.1f GB/s peak bf16=%.1f fp32=%.1f GFLOP/s int8=%.1f GOP/s\n",
+                    t, measure_dram_read_gbps(t), measure_cpu_peak_gflops(isa, DType::kBF16, t),
+                    measure_cpu_peak_gflops(isa, DType::kF32, t),
+                    measure_cpu_peak_gflops(isa, DType::kI8, t));
     return 0;
   }
   const Preset* pr = nullptr;
@@ -137,107 +233,126 @@ int main(int argc, char** argv) {
 
   const double gbps = measure_dram_read_gbps(threads);
   const double peak = measure_cpu_peak_gflops(isa, DType::kBF16, threads);
-  std::printf("# %s isa=%s threads=%d read=%.1f GB/s peak=%.1f GFLOP/s\n", pr->name,
-              std::string(name(isa)).c_str(), threads, gbps, peak);
-
-  std::shared_ptr<Experts> experts;
-  {
-    std::vector<uint16_t> w13(size_t(E * 2 * I * H)), w2(size_t(E * H * I));
-    fill_bf16(w13.data(), int64_t(w13.size()), 1);
-    fill_bf16(w2.data(), int64_t(w2.size()), 2);
-    ExpertWeights w;
-    w.w13 = TensorView(w13.data(), DType::kBF16, {E, 2 * I, H});
-    w.w2 = TensorView(w2.data(), DType::kBF16, {E, H, I});
-    const double t0 = now_us();
-    experts = make_cpu_experts(w, Activation{}, {.num_threads = threads, .isa = isa});
-    std::printf("# packed in %.2f s\n", (now_us() - t0) * 1e-6);
+  const double peak_i8 = measure_cpu_peak_gflops(isa, DType::kI8, threads);
+  std::printf("# %s isa=%s threads=%d read=%.1f GB/s peak=%.1f GFLOP/s int8 %.1f GOP/s\n", pr->name,
+              std::string(name(isa)).c_str(), threads, gbps, peak, peak_i8);
+  // Every format's experts first, then each rep runs every format in turn: the formats share
+  // the machine's noise (other processes on the 2 cores), so their ratios are fair.
+  struct Run {
+    QuantScheme q;
+    std::shared_ptr<Experts> experts;
+    double expert_bytes = 0;
+  };
+  std::vector<Run> runs;
+  for (const std::string& fname : formats) {
+    Run r;
+    r.q = QuantScheme::parse(fname);
+    const double t_pack = now_us();
+    r.experts = make_experts(r.q, E, H, I, {.num_threads = threads, .isa = isa});
+    std::printf("# %s packed in %.2f s\n", r.q.str().c_str(), (now_us() - t_pack) * 1e-6);
+    r.expert_bytes = r.q.bytes_per_weight(2 * I, H) * double(2 * I * H) +
+                     r.q.bytes_per_weight(H, I) * double(H * I);
+    runs.push_back(std::move(r));
   }
-  const int64_t expert_bytes = 3 * I * H * 2;
   std::vector<char> flush(size_t(768) << 20, 1);  // > the 260 MB L3
-
-  std::printf("%-16s %6s %10s %10s %7s %8s %9s %7s\n", "preset", "tokens", "time_us", "roof_us",
-              "%roof", "GB/s", "GFLOP/s", "active");
-  for (int64_t M : token_list) {
-    std::vector<uint16_t> a1(size_t(M * H));
-    fill_bf16(a1.data(), int64_t(a1.size()), 3);
-    std::vector<int32_t> ids(size_t(M * k));
-    std::mt19937 rng(42);
-    std::normal_distribution<float> nd;
-    std::vector<float> logits(static_cast<size_t>(E));
-    std::vector<int> idx(static_cast<size_t>(E));
-    for (int64_t t = 0; t < M; ++t) {
-      for (auto& l : logits) l = nd(rng);
-      std::iota(idx.begin(), idx.end(), 0);
-      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                        [&](int a, int b) { return logits[size_t(a)] > logits[size_t(b)]; });
-      for (int s = 0; s < k; ++s) ids[size_t(t * k + s)] = idx[size_t(s)];
-    }
+  const cpu::KernelTable& kt = cpu::kernels_for(isa);
+  auto on_threads = [&](auto&& fn) {
+    std::vector<std::thread> th;
+    for (int t = 1; t < threads; ++t) th.emplace_back(fn, t);
+    fn(0);
+    for (auto& x : th) x.join();
+  };
+  std::printf("%-16s %-16s %6s %10s %10s %7s %8s %9s %6s %7s\n", "preset", "format", "tokens",
+              "time_us", "roof_us", "%roof", "GB/s", "GFLOP/s", "%peak", "active");
+  for (const int64_t M : token_list) {
+    const std::vector<int32_t> ids = random_ids(M, E, k);
     std::vector<bool> used(static_cast<size_t>(E));
     for (int32_t id : ids) used[size_t(id)] = true;
     const int64_t active = std::count(used.begin(), used.end(), true);
-    const double bytes = double(active * expert_bytes);
     const double flops = 2.0 * double(M * k) * double(3 * I * H);
-    const double roof_us = std::max(bytes / gbps * 1e-3, flops / peak * 1e-3);
-
-    MoEProblem p;
-    p.num_experts = p.num_local_experts = E;
-    p.hidden = H;
-    p.intermediate = I;
-    p.top_k = k;
-    p.tokens = M;
-    std::vector<char> ws_bytes(experts->workspace_size(p) + 64);
-    std::vector<float> out(size_t(M * k * H));
-    DispatchedBatch b;
-    b.a1 = TensorView(a1.data(), DType::kBF16, {M, H});
-    b.topk_ids = TensorView(ids.data(), DType::kI32, {M, int64_t(k)});
-    TensorView ov(out.data(), DType::kF32, {M, int64_t(k), H});
-    // Each rep: flush by streaming the 768 MiB buffer on `threads` threads (timed: the DRAM read
-    // rate of this moment), a short peak loop (the FMA rate of this moment), then the timed
-    // apply. "adj" rates each run against the roofline of the ceilings measured next to it,
-    // which the noise of a shared machine (other builds on the 2 cores) moves less than rates
-    // against ceilings measured once at start.
-    const cpu::KernelTable& kt = cpu::kernels_for(isa);
-    auto on_threads = [&](auto&& fn) {
-      std::vector<std::thread> th;
-      for (int t = 1; t < threads; ++t) th.emplace_back(fn, t);
-      fn(0);
-      for (auto& x : th) x.join();
+    struct Timing {
+      std::unique_ptr<A1> in;
+      std::vector<char> ws;
+      std::vector<double> times, adj;
     };
-    std::vector<double> times, adj;
-    for (int r = 0; r < reps + 1; ++r) {
-      std::atomic<uint64_t> sink{0};
-      double t0 = now_us();
-      on_threads([&](int t) {
-        const size_t part = flush.size() / size_t(threads) / 64 * 64;
-        sink += kt.stream_read(flush.data() + part * size_t(t), part);
-      });
-      const double bw_now = double(flush.size()) / (now_us() - t0) * 1e-3;
-      std::atomic<double> fl{0};
-      t0 = now_us();
-      on_threads([&](int) {
-        const double f = kt.peak_loop(DType::kBF16, 400000);
-        double cur = fl.load();
-        while (!fl.compare_exchange_weak(cur, cur + f)) {
-        }
-      });
-      const double peak_now = fl.load() / (now_us() - t0) * 1e-3;
-      void* base = reinterpret_cast<void*>((uintptr_t(ws_bytes.data()) + 63) & ~uintptr_t(63));
-      Workspace ws(base, ws_bytes.size() - 64);
-      t0 = now_us();
-      experts->apply(b, ov, ws, {});
-      const double t1 = now_us();
-      if (r == 0) continue;  // the first run also faults in out and ws
-      times.push_back(t1 - t0);
-      adj.push_back(std::max(bytes / bw_now * 1e-3, flops / peak_now * 1e-3) / (t1 - t0));
+    std::vector<Timing> tm(runs.size());
+    for (size_t f = 0; f < runs.size(); ++f) {
+      tm[f].in = std::make_unique<A1>(runs[f].experts->activation_spec(), M, H);
+      tm[f].ws.resize(runs[f].experts->workspace_size(problem_of(*runs[f].experts, M, k)) + 64);
     }
-    std::sort(times.begin(), times.end());
-    std::sort(adj.begin(), adj.end());
-    const double med = times[times.size() / 2];
-    std::printf(
-        "%-16s %6lld %10.0f %10.0f %6.1f%% %8.1f %9.1f %7lld   adj %5.1f%%  [min %.0f max %.0f]\n",
-        pr->name, (long long)M, med, roof_us, 100 * roof_us / med, bytes / med * 1e-3,
-        flops / med * 1e-3, (long long)active, 100 * adj[adj.size() / 2], times.front(),
-        times.back());
+    std::vector<float> out(size_t(M * k * H));
+    TensorView ov(out.data(), DType::kF32, {M, int64_t(k), H});
+    for (int r = 0; r < reps + 1; ++r)
+      for (size_t f = 0; f < runs.size(); ++f) {
+        const bool int8 = runs[f].experts->activation_spec().dtype == DType::kI8;
+        const double bytes = double(active) * runs[f].expert_bytes;
+        // Flush by streaming the 768 MiB buffer on `threads` threads (timed: the DRAM read rate
+        // of this moment), a short peak loop (the FMA / int8 rate of this moment), then the
+        // timed apply. "adj" rates each run against the roofline of the ceilings measured next
+        // to it, which the noise of a shared machine moves less than rates against ceilings
+        // measured once at start.
+        std::atomic<uint64_t> sink{0};
+        double t0 = now_us();
+        on_threads([&](int t) {
+          const size_t part = flush.size() / size_t(threads) / 64 * 64;
+          sink += kt.stream_read(flush.data() + part * size_t(t), part);
+        });
+        const double bw_now = double(flush.size()) / (now_us() - t0) * 1e-3;
+        std::atomic<double> fl{0};
+        t0 = now_us();
+        on_threads([&](int) {
+          const double f8 = int8 ? kt.peak_loop_int8(100000) : kt.peak_loop(DType::kBF16, 400000);
+          double cur = fl.load();
+          while (!fl.compare_exchange_weak(cur, cur + f8)) {
+          }
+        });
+        const double peak_now = fl.load() / (now_us() - t0) * 1e-3;
+        DispatchedBatch b;
+        b.a1 = tm[f].in->a1;
+        b.a1_scale = tm[f].in->typed;
+        b.topk_ids = TensorView(const_cast<int32_t*>(ids.data()), DType::kI32, {M, int64_t(k)});
+        std::vector<char>& wsb = tm[f].ws;
+        void* base = reinterpret_cast<void*>((uintptr_t(wsb.data()) + 63) & ~uintptr_t(63));
+        Workspace ws(base, wsb.size() - 64);
+        t0 = now_us();
+        runs[f].experts->apply(b, ov, ws, {});
+        const double t1 = now_us();
+        if (r == 0) continue;  // the first run also faults in out and ws
+        tm[f].times.push_back(t1 - t0);
+        tm[f].adj.push_back(std::max(bytes / bw_now * 1e-3, flops / peak_now * 1e-3) / (t1 - t0));
+      }
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    const auto bf16 =
+        std::find_if(runs.begin(), runs.end(), [](const Run& r) { return r.q.str() == "bf16"; });
+    for (size_t f = 0; f < runs.size(); ++f) {
+      const bool int8 = runs[f].experts->activation_spec().dtype == DType::kI8;
+      const double bytes = double(active) * runs[f].expert_bytes;
+      const double roof_us = std::max(bytes / gbps * 1e-3, flops / (int8 ? peak_i8 : peak) * 1e-3);
+      const std::vector<double>& t = tm[f].times;
+      const double med = median(t);
+      // %peak: GFLOP/s (int8: GOP/s) against the peak measured at start.
+      std::printf(
+          "%-16s %-16s %6lld %10.0f %10.0f %6.1f%% %8.1f %9.1f %5.1f%% %7lld   adj %5.1f%%  [min "
+          "%.0f max %.0f]",
+          pr->name, runs[f].q.str().c_str(), (long long)M, med, roof_us, 100 * roof_us / med,
+          bytes / med * 1e-3, flops / med * 1e-3,
+          100 * flops / med * 1e-3 / (int8 ? peak_i8 : peak), (long long)active,
+          100 * median(tm[f].adj), *std::min_element(t.begin(), t.end()),
+          *std::max_element(t.begin(), t.end()));
+      if (bf16 != runs.end() && bf16 != runs.begin() + long(f)) {
+        // Per rep, bf16's time / this format's (neighbouring runs), then the median.
+        const std::vector<double>& tb = tm[size_t(bf16 - runs.begin())].times;
+        std::vector<double> ratio;
+        for (size_t i = 0; i < t.size(); ++i) ratio.push_back(tb[i] / t[i]);
+        std::printf(
+            "  %.2fx bf16 (min/min %.2fx)", median(ratio),
+            *std::min_element(tb.begin(), tb.end()) / *std::min_element(t.begin(), t.end()));
+      }
+      std::printf("\n");
+    }
     std::fflush(stdout);
   }
   return 0;

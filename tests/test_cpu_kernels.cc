@@ -39,6 +39,7 @@ struct Case {
   Activation act;
   bool bias = true;
   std::vector<int32_t> source = {4, 1, 5, 0};  // local slot -> global expert
+  double gate_scale = 1;  // W13 magnitudes x this (100: gates of +-100s, exp over/underflows)
 };
 
 // Weights, inputs and the oracle of one case. Weight magnitudes ~2/sqrt(K) keep GEMM1's
@@ -51,7 +52,7 @@ struct Problem {
 
   explicit Problem(const Case& cs, uint64_t seed) : c(cs) {
     const int64_t rows = c.act.w13_rows(c.I);
-    const double s1 = 2 / std::sqrt(double(c.H)), s2 = 2 / std::sqrt(double(c.I));
+    const double s1 = 2 * c.gate_scale / std::sqrt(double(c.H)), s2 = 2 / std::sqrt(double(c.I));
     w13 = test::random_tensor(c.wdtype, {c.E_global, rows, c.H}, seed + 1, -s1, s1);
     w2 = test::random_tensor(c.wdtype, {c.E_global, c.H, c.I}, seed + 2, -s2, s2);
     w.w13 = w13;
@@ -260,6 +261,23 @@ TEST(CpuExperts, ActivationsLayoutsBiases) {
           c.M = M;
           check_case(c, ++seed);
         }
+}
+
+// Gates far beyond exp's range (|g| up to ~300): silu(-g) and gelu_tanh's tail are (-)0, not
+// NaN (the vector reciprocal takes 1 + exp(89) = inf as the largest float).
+TEST(CpuExperts, ExtremeGates) {
+  uint64_t seed = 900;
+  for (DType wd : {DType::kBF16, DType::kF32})
+    for (const Activation& act : all_activations()) {
+      Case c;
+      c.wdtype = wd;
+      c.act = act;
+      c.H = 129;
+      c.I = 66;
+      c.M = 19;
+      c.gate_scale = 100;
+      check_case(c, ++seed);
+    }
 }
 
 // Odd, even and panel-aligned shapes, 1 to 99 tokens, k up to 4.

@@ -123,8 +123,12 @@ double measure_loop_gflops(cpu::ThreadPool& pool, Loop&& loop) {
 }  // namespace
 
 double measure_cpu_peak_gflops(CpuIsa isa, DType weights, int threads) {
+  MOEKIT_CHECK(weights == DType::kBF16 || weights == DType::kF32 || weights == DType::kI8,
+               "measure_cpu_peak_gflops: no peak loop for ", name(weights),
+               " (bf16, fp32 or int8)");
   const cpu::KernelTable& k = cpu::kernels_for(isa);
   cpu::ThreadPool pool(threads);
+  if (weights == DType::kI8) return measure_loop_gflops(pool, k.peak_loop_int8);
   double best = measure_loop_gflops(pool, [&](int64_t n) { return k.peak_loop(weights, n); });
 #ifdef MOEKIT_X86_KERNELS
   // bf16 products also run on vdpbf16ps: the ceiling is the better of the two instructions.

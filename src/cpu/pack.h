@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -41,6 +43,15 @@ struct PackedGemm {
   Epilogue epilogue = Epilogue::kStore;
   HugeBuffer weights;       // [E_local][panels][panel_bytes]
   std::vector<float> bias;  // [E_local][panels][kPanel], zeros when absent
+  // Quantized weights (kernels.h QuantPanel), absent for bf16/fp32 ones.
+  std::optional<QuantPanel> quant;
+  std::vector<float> post;  // [E_local] the expert's global scale (1 where the format has none)
+  // A rows of a quantized GEMM: K rounded up to the family's unit (the kernels read whole units).
+  int64_t k_padded() const {
+    const int64_t u = quant ? unit_steps(quant->family) : 1;
+    return (k + u - 1) / u * u;
+  }
+  int64_t groups() const { return quant ? (k + quant->group - 1) / quant->group : 0; }
 
   const void* panel(int64_t e, int64_t p) const {
     return weights.data() + (e * panels + p) * panel_bytes;
@@ -51,8 +62,30 @@ struct PackedGemm {
 };
 
 // GEMM1 from W13 [n, w13_rows(I), H] (gate/up rows per act's layout) and b13; GEMM2 from
-// W2 [n, H, I] and b2. Weights bf16 or fp32 (kept as is), biases any float dtype.
+// W2 [n, H, I] and b2. Weights bf16 or fp32 (kept as is) or quantized (w.quant: codes repacked
+// into quantized panels, kernels.h); biases any float dtype. Throws moekit::Error on weights
+// the kernels cannot take.
 PackedGemm pack_w13(const ExpertWeights& w, const Activation& act, ThreadPool& pool);
 PackedGemm pack_w2(const ExpertWeights& w, ThreadPool& pool);
+
+// ---- shared by the float and the quantized packing (pack.cc, pack_quant.cc) ----
+// Source of one packed GEMM: matrix [rows, k] of expert e is w[index(e)] (scales: its quantized
+// scales), and packed column c of panel p reads row row_of(p, c) (-1: zero column).
+struct PackSource {
+  const TensorView* w;
+  const TensorView* bias;  // may be absent
+  const WeightScales* scales;
+  const ExpertWeights* ew;
+  const char* what;  // "w13" / "w2", for messages
+  std::function<int64_t(int64_t p, int c)> row_of;
+};
+// The geometry of g (k, n_out, cols_per_panel, panels, epilogue), its bias panels, and the
+// weights of every (expert, panel) written by fill(e, p, dst) on the pool's threads.
+void pack_panels(const PackSource& s, PackedGemm& g, ThreadPool& pool,
+                 const std::function<void(int64_t e, int64_t p, std::byte* dst)>& fill);
+// Quantized panels of W in scheme q, for activations of dtype act (int8 activations make int8
+// weights kInt8Dot panels); g's geometry set, panel_bytes computed here.
+void pack_quant(const PackSource& s, const QuantScheme& q, DType act, PackedGemm& g,
+                ThreadPool& pool);
 
 }  // namespace moekit::cpu

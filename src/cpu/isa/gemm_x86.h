@@ -20,12 +20,16 @@
 namespace moekit::cpu {
 namespace {
 
+// Lambdas of the register tiles must inline (GCC's size heuristics otherwise outline the larger
+// decoder loops, and the tiles then live on the stack): [&](auto c) MOEKIT_INLINE { ... }.
+#define MOEKIT_INLINE __attribute__((always_inline))
+
 // f(integral_constant<0>) ... f(integral_constant<N-1>): loop indices that are constants from
 // the start, so the register tiles (arrays of vectors) become registers (#pragma unroll comes
 // too late for that, and leaves the accumulators stored to the stack every iteration).
 template <int N, typename Fn>
 __attribute__((always_inline)) constexpr void static_for(Fn&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) {
+  [&]<int... I>(std::integer_sequence<int, I...>) __attribute__((always_inline)) {
     (f(std::integral_constant<int, I>{}), ...);
   }
   (std::make_integer_sequence<int, N>{});
@@ -171,6 +175,13 @@ using TileFn = void (*)(const PanelJob&, int64_t);
 template <int kPasses, int kRows>
 struct TileTable {
   TileFn fn[kPasses][kRows];
+};
+
+// The same for the quantized kernels (gemm_x86_quant.h, gemm_x86_int8.h).
+using QuantTileFn = void (*)(const QuantJob&, int64_t);
+template <int kPasses, int kRows>
+struct QuantTileTable {
+  QuantTileFn fn[kPasses][kRows];
 };
 
 template <class Fam, typename W, int kPasses, int kRows>

@@ -16,8 +16,16 @@ struct Family {
 
 namespace moekit::cpu {
 const KernelTable& kernels_avx512() {
-  static const KernelTable table{&gemm<Family, uint16_t>, &gemm<Family, float>, &fma_peak_loop,
-                                 &stream_read};
+  static const KernelTable table = [] {
+    KernelTable t{};
+    t.gemm_bf16 = &gemm<Family, uint16_t>;
+    t.gemm_f32 = &gemm<Family, float>;
+    t.peak_loop = &fma_peak_loop;
+    t.stream_read = &stream_read;
+    add_quant_fma_avx512(t);
+    add_quant_int8_avx512(t);
+    return t;
+  }();
   return table;
 }
 }  // namespace moekit::cpu

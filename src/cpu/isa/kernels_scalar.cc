@@ -35,7 +35,14 @@ void madd(float (*x)[kPanel], const float* const* a, int64_t n, const float* b, 
   }
 }
 
-void epilogue(const PanelJob& j, const Activation& act, const float* x, float* c_row) {
+}  // namespace
+
+void scalar_epilogue(const PanelJob& j, const float* x, float* c_row) {
+  Activation act;
+  act.fn = j.fn;
+  act.gated = j.epilogue == Epilogue::kGated;
+  act.alpha = j.alpha;
+  act.limit = j.limit;
   const float* bias = j.bias;
   auto mid = [&](float h) { return j.round_bf16 ? bf16_to_float(float_to_bf16(h)) : h; };
   float* c = c_row + j.c_col;
@@ -55,19 +62,16 @@ void epilogue(const PanelJob& j, const Activation& act, const float* x, float* c
   }
 }
 
+namespace {
+
 template <typename W>
 void gemm(const PanelJob& j) {
-  Activation act;
-  act.fn = j.fn;
-  act.gated = j.epilogue == Epilogue::kGated;
-  act.alpha = j.alpha;
-  act.limit = j.limit;
   alignas(64) float x[kRows][kPanel];
   for (int64_t r0 = 0; r0 < j.rows; r0 += kRows) {
     const int64_t n = std::min<int64_t>(kRows, j.rows - r0);
     std::fill(&x[0][0], &x[0][0] + kRows * kPanel, 0.f);
     madd(x, j.a_rows + r0, n, static_cast<const W*>(j.b), j.k);
-    for (int64_t r = 0; r < n; ++r) epilogue(j, act, x[r], j.c_rows[r0 + r]);
+    for (int64_t r = 0; r < n; ++r) scalar_epilogue(j, x[r], j.c_rows[r0 + r]);
   }
 }
 
@@ -95,7 +99,15 @@ uint64_t stream_read(const void* p, size_t bytes) {
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-  static const KernelTable table{&gemm<uint16_t>, &gemm<float>, &peak_loop, &stream_read};
+  static const KernelTable table = [] {
+    KernelTable t{};
+    t.gemm_bf16 = &gemm<uint16_t>;
+    t.gemm_f32 = &gemm<float>;
+    t.peak_loop = &peak_loop;
+    t.stream_read = &stream_read;
+    add_quant_kernels_scalar(t);
+    return t;
+  }();
   return table;
 }
 
