@@ -102,17 +102,7 @@ struct A1 {
 };
 
 MoEProblem problem_of(const Experts& x, int64_t tokens, int k) {
-  const ExpertsInfo& i = x.info();
-  MoEProblem p;
-  p.num_experts = p.num_local_experts = i.num_local_experts;
-  p.hidden = i.hidden;
-  p.intermediate = i.intermediate;
-  p.top_k = k;
-  p.tokens = tokens;
-  p.weight_dtype = i.weight_dtype;
-  p.quant = i.quant;
-  p.activation = i.activation;
-  return p;
+  return problem_for(x.info(), tokens, k);
 }
 
 double cpu_seconds(clockid_t clock, const timespec& c0) {

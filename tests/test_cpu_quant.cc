@@ -306,19 +306,7 @@ struct QProblem {
 };
 
 MoEProblem problem_of(const Experts& x, int64_t tokens, int k) {
-  const ExpertsInfo& i = x.info();
-  MoEProblem p;
-  p.num_experts = p.num_local_experts = i.num_local_experts;
-  p.hidden = i.hidden;
-  p.intermediate = i.intermediate;
-  p.top_k = k;
-  p.tokens = tokens;
-  p.weight_dtype = i.weight_dtype;
-  p.quant = i.quant;
-  p.activation = i.activation;
-  p.has_bias13 = i.has_bias13;
-  p.has_bias2 = i.has_bias2;
-  return p;
+  return problem_for(x.info(), tokens, k);
 }
 
 // apply with exactly workspace_size() bytes and a poisoned tail that must survive; out starts

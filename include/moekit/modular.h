@@ -138,6 +138,11 @@ struct ExpertsInfo {
   static ExpertsInfo of(const ExpertWeights& w, const Activation& act);
 };
 
+// The problem experts of `info` compute for `tokens` dispatched rows of `top_k` slots, as one
+// rank that holds every expert (E = E_local); a kernel sets E from its expert map.
+MoEProblem problem_for(const ExpertsInfo& info, int64_t tokens, int top_k,
+                       DType act_dtype = DType::kBF16);
+
 class Experts {
  public:
   virtual ~Experts() = default;

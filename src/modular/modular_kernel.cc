@@ -11,20 +11,8 @@ namespace moekit {
 namespace {
 
 MoEProblem make_problem(const PrepareFinalize& pf, const Experts& ex, const KernelConfig& c) {
-  const ExpertsInfo& i = ex.info();
-  MoEProblem p;
+  MoEProblem p = problem_for(ex.info(), c.chunk_tokens, c.top_k, c.act_dtype);
   p.num_experts = pf.expert_map().num_experts();
-  p.num_local_experts = i.num_local_experts;
-  p.hidden = i.hidden;
-  p.intermediate = i.intermediate;
-  p.top_k = c.top_k;
-  p.tokens = c.chunk_tokens;
-  p.act_dtype = c.act_dtype;
-  p.weight_dtype = i.weight_dtype;
-  p.quant = i.quant;
-  p.activation = i.activation;
-  p.has_bias13 = i.has_bias13;
-  p.has_bias2 = i.has_bias2;
   return p;
 }
 

@@ -55,6 +55,22 @@ ExpertsInfo ExpertsInfo::of(const ExpertWeights& w, const Activation& act) {
   return i;
 }
 
+MoEProblem problem_for(const ExpertsInfo& i, int64_t tokens, int top_k, DType act_dtype) {
+  MoEProblem p;
+  p.num_experts = p.num_local_experts = i.num_local_experts;
+  p.hidden = i.hidden;
+  p.intermediate = i.intermediate;
+  p.top_k = top_k;
+  p.tokens = tokens;
+  p.act_dtype = act_dtype;
+  p.weight_dtype = i.weight_dtype;
+  p.quant = i.quant;
+  p.activation = i.activation;
+  p.has_bias13 = i.has_bias13;
+  p.has_bias2 = i.has_bias2;
+  return p;
+}
+
 ActivationSpec ActivationSpec::of(const QuantScheme& scheme) {
   const FormatTraits& t = scheme.traits();
   ActivationSpec s;
