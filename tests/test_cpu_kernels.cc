@@ -16,17 +16,9 @@
 namespace moekit {
 namespace {
 
-constexpr double kU = 0x1p-24;  // fp32 unit roundoff
-double gamma(int64_t n) {
-  return n * kU / (1 - n * kU);
-}
-
-std::vector<CpuIsa> supported_isas() {
-  std::vector<CpuIsa> out;
-  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16})
-    if (cpu_supports(isa)) out.push_back(isa);
-  return out;
-}
+using test::gamma;
+using test::kU;
+using test::supported_isas;
 
 double bf16_round(double v) {
   return bf16_to_float(float_to_bf16(float(v)));

@@ -169,4 +169,11 @@ std::string test_name(std::string_view s) {
   return n;
 }
 
+std::vector<CpuIsa> supported_isas() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16})
+    if (cpu_supports(isa)) out.push_back(isa);
+  return out;
+}
+
 }  // namespace moekit::test

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moekit/check.h"
+#include "moekit/cpu.h"
 #include "moekit/core/error.h"
 #include "moekit/modular.h"
 #include "moekit/reference.h"
@@ -43,6 +44,14 @@ class ForwardingExperts : public Experts {
  protected:
   std::shared_ptr<Experts> inner_;
 };
+
+// gamma_n of floating-point error analysis for fp32 (n u / (1 - n u), u = 2^-24): the bound of
+// n roundings in a sum or product chain.
+inline constexpr double kU = 0x1p-24;  // fp32 unit roundoff
+inline double gamma(int64_t n) { return double(n) * kU / (1 - double(n) * kU); }
+
+// The CPU kernel families this CPU runs, slowest first.
+std::vector<CpuIsa> supported_isas();
 
 // A tensor of uniform values in [lo, hi), deterministic in seed.
 Tensor random_tensor(DType dtype, std::initializer_list<int64_t> shape, uint64_t seed,

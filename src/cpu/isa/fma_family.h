@@ -43,5 +43,15 @@ uint64_t stream_read(const void* p, size_t bytes) {
   return t;
 }
 
+// The family's kernel table; the quantized kernels are added by the caller (their own TUs).
+KernelTable fma_family_table() {
+  KernelTable t{};
+  t.gemm_bf16 = &gemm<Family, uint16_t>;
+  t.gemm_f32 = &gemm<Family, float>;
+  t.peak_loop = &fma_peak_loop;
+  t.stream_read = &stream_read;
+  return t;
+}
+
 }  // namespace
 }  // namespace moekit::cpu

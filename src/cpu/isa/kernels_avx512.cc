@@ -17,11 +17,7 @@ struct Family {
 namespace moekit::cpu {
 const KernelTable& kernels_avx512() {
   static const KernelTable table = [] {
-    KernelTable t{};
-    t.gemm_bf16 = &gemm<Family, uint16_t>;
-    t.gemm_f32 = &gemm<Family, float>;
-    t.peak_loop = &fma_peak_loop;
-    t.stream_read = &stream_read;
+    KernelTable t = fma_family_table();
     add_quant_fma_avx512(t);
     add_quant_int8_avx512(t);
     return t;
