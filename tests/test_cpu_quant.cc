@@ -222,15 +222,7 @@ struct QProblem {
           const double g = gemm1(c.act.gate_row(j, I), &eg);
           const double u = c.act.gated ? gemm1(c.act.up_row(j, I), &eu) : 0;
           const double h = apply_activation<double>(c.act, g, u);
-          const double dg = (apply_activation<double>(c.act, g + eg, u) -
-                             apply_activation<double>(c.act, g - eg, u)) /
-                            2;
-          const double du = (apply_activation<double>(c.act, g, u + eu) -
-                             apply_activation<double>(c.act, g, u - eu)) /
-                            2;
-          const double dd =
-              2 * (std::abs(dg) + std::abs(du)) +
-              16 * kU * (std::abs(h) + std::abs(g) * (c.act.gated ? std::abs(u) : 1)) + 1e-37;
+          const double dd = test::activation_error(c.act, g, eg, u, eu);
           p.lo[size_t(j)] = h - dd;
           p.hi[size_t(j)] = h + dd;
         }

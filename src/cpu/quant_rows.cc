@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 
@@ -13,16 +14,6 @@ namespace {
 
 constexpr float kE4m3Max = 448.0f;
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 const std::array<float, 256>& e4m3_values() {
   static const std::array<float, 256> t = [] {
@@ -70,8 +61,8 @@ float round_e4m3(float v) {
     // Subnormal codes step by 2^-9, the fp32 spacing at 2^14: the addition rounds.
     r = (a + 0x1p14f) - 0x1p14f;
   } else {
-    const uint32_t u = bits_of(a), drop = 20;  // 23 - 3 mantissa bits
-    r = float_of((u + ((1u << (drop - 1)) - 1) + ((u >> drop) & 1u)) >> drop << drop);
+    const uint32_t u = std::bit_cast<uint32_t>(a), drop = 20;  // 23 - 3 mantissa bits
+    r = std::bit_cast<float>((u + ((1u << (drop - 1)) - 1) + ((u >> drop) & 1u)) >> drop << drop);
   }
   return std::copysign(r, v);
 }

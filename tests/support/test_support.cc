@@ -1,6 +1,7 @@
 #include "support/test_support.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cctype>
 #include <cstring>
 
@@ -174,6 +175,16 @@ std::vector<CpuIsa> supported_isas() {
   for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16})
     if (cpu_supports(isa)) out.push_back(isa);
   return out;
+}
+
+double activation_error(const Activation& act, double g, double eg, double u, double eu) {
+  const double h = apply_activation<double>(act, g, u);
+  const double dg =
+      (apply_activation<double>(act, g + eg, u) - apply_activation<double>(act, g - eg, u)) / 2;
+  const double du =
+      (apply_activation<double>(act, g, u + eu) - apply_activation<double>(act, g, u - eu)) / 2;
+  return 2 * (std::abs(dg) + std::abs(du)) +
+         16 * kU * (std::abs(h) + std::abs(g) * (act.gated ? std::abs(u) : 1)) + 1e-37;
 }
 
 }  // namespace moekit::test

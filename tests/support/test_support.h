@@ -50,6 +50,11 @@ class ForwardingExperts : public Experts {
 inline constexpr double kU = 0x1p-24;  // fp32 unit roundoff
 inline double gamma(int64_t n) { return double(n) * kU / (1 - double(n) * kU); }
 
+// Bound on |act(g', u') - act(g, u)| for |g' - g| <= eg, |u' - u| <= eu, plus the kernel's own
+// fp32 evaluation of the activation (16 roundings of its magnitude): the derivative estimated
+// by central differences, doubled for curvature.
+double activation_error(const Activation& act, double g, double eg, double u, double eu);
+
 // The CPU kernel families this CPU runs, slowest first.
 std::vector<CpuIsa> supported_isas();
 
