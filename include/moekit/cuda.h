@@ -111,5 +111,23 @@ std::shared_ptr<Experts> make_cuda_grouped_gemm_experts(const ExpertWeights& wei
 std::shared_ptr<Experts> make_cuda_experts(const ExpertWeights& weights, const Activation& act,
                                            int64_t max_small_tokens = 16,
                                            const TensorView& static_act_scale = {});
+// Experts of the batched activation format (the layout of low-latency dispatch), in the formats
+// and with the weight rules of the experts above: a1 [E_local, N, H] contiguous in the format's
+// activation dtype (fp8: with a [1] per-tensor scale, or a per-token scale [E_local * N] in a1's
+// row order), expert_num_tokens [E_local] int32 on the device; out [E_local, N, H] fp32
+// contiguous, row j of expert e = expert e's MLP of a1[e, j] (+ biases) for j below the
+// expert's count and +0 beyond (kNone: top-k weights are left to finalize). Counts are read on
+// the device only (no host synchronisation, CUDA-graph capturable); a count outside [0, N] is
+// clamped into it, not reported. Per call, by the rows offered (E_local * N; the counts are not
+// known on the host): up to `max_small_rows` the small-batch kernels run over the rows as top-1
+// tokens (padding rows -1), above them the grouped GEMM reads a1 and writes out in place, expert
+// e's rows at offset e * N (no sort). max_small_rows -1: cuda_small_batch_rows(E_local, 1)
+// (layer.h), i.e. one row per local expert; 0: always the grouped GEMM. MOEKIT_LOG_CHOICES=1
+// (read when the experts are built) logs each call's choice to stderr. apply() validates shapes,
+// dtypes, devices, contiguity and alignment before enqueueing anything (throws moekit::Error).
+std::shared_ptr<Experts> make_cuda_batched_experts(const ExpertWeights& weights,
+                                                   const Activation& act,
+                                                   int64_t max_small_rows = -1,
+                                                   const TensorView& static_act_scale = {});
 
 }  // namespace moekit

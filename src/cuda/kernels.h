@@ -160,4 +160,26 @@ void unpermute_weight_reduce(const DeviceWeights& w, const float* c2, const int3
                              int64_t weights_stride, int64_t M, int k, float* y,
                              cudaStream_t stream);
 
+// ---- batched-format experts (batched.cu) ----------------------------------------------------
+
+// The batched layout [E_local, N, H] (rows e * N + j) needs no sort: expert e's rows are the
+// first count[e] of its N, where count[e] = expert_num_tokens[e] clamped into [0, N] by every
+// launcher here. expert_num_tokens: [E_local] int32, device.
+
+// Its grouped-GEMM groups: counts[e] = count[e], offsets[e] = e * N ([E_local] int32 each;
+// E_local * N must fit int32).
+void batched_groups(const int32_t* expert_num_tokens, int num_local, int64_t N, int32_t* counts,
+                    int32_t* offsets, cudaStream_t stream);
+
+// Its rows as top-1 standard rows: ids[e * N + j] = e for j < count[e], else -1, and
+// weights[e * N + j] = 1 (ids, weights: [E_local * N]).
+void batched_top1_ids(const int32_t* expert_num_tokens, int num_local, int64_t N, int32_t* ids,
+                      float* weights, cudaStream_t stream);
+
+// The end of the grouped GEMM2 written in place into out [w.num_local * N, H] fp32 (16-byte
+// aligned): valid rows (j < counts[e], the clamped counts of batched_groups) get
+// b2[index[e]] added (w.b2 null: left alone), rows j >= counts[e] become +0.
+void batched_bias_and_padding(const DeviceWeights& w, const int32_t* counts, int64_t N,
+                              float* out, cudaStream_t stream);
+
 }  // namespace moekit::cuda

@@ -97,7 +97,11 @@ __global__ void activation_kernel(DeviceWeights w, const In* __restrict__ c1,
                                   Fp8Rows q) {
   const int64_t r = blockIdx.x;
   const int e = expert_of_row(r, counts, offsets, w.num_local);
-  if (e < 0) return;
+  if (e < 0) {
+    // Row 0 is no expert's when the rows have gaps (the batched layout with expert 0 empty).
+    if constexpr (Q == RowQuant::kTensorApply) publish_tensor_scale(r, q);
+    return;
+  }
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, rows13 = act.w13_rows(I);
   const int64_t ex = w.index ? w.index[e] : e;

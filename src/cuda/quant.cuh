@@ -64,6 +64,16 @@ enum class RowQuant {
   kTensorApply,  // e4m3 with a per-tensor scale (dynamic from the amax pass, or static)
 };
 
+// The scale of kTensorApply: static, or of the amax the kTensorAmax pass reduced. Row 0's block
+// writes it to out.scale[0]; a row kernel that skips rows (rows of no expert) must still let
+// row 0's block call publish_tensor_scale.
+__device__ __forceinline__ float tensor_scale(const Fp8Rows& out) {
+  return out.static_scale ? *out.static_scale : e4m3_scale_of_amax(load_amax(out.amax));
+}
+__device__ __forceinline__ void publish_tensor_scale(int64_t r, const Fp8Rows& out) {
+  if (r == 0 && threadIdx.x == 0) out.scale[0] = tensor_scale(out);
+}
+
 // One block stores row r of n values value(j) (j < n) into out.q[r * n + j] as Q says (not
 // kNone): kToken writes out.scale[r]; kTensorApply writes out.scale[0] from row 0; kTensorAmax
 // only raises *out.amax. Every thread of the block must call it.
@@ -72,8 +82,8 @@ __device__ __forceinline__ void quantize_row(F value, int64_t n, int64_t r, cons
   static_assert(Q != RowQuant::kNone);
   float scale;
   if constexpr (Q == RowQuant::kTensorApply) {
-    scale = out.static_scale ? *out.static_scale : e4m3_scale_of_amax(load_amax(out.amax));
-    if (r == 0 && threadIdx.x == 0) out.scale[0] = scale;
+    scale = tensor_scale(out);
+    publish_tensor_scale(r, out);
   } else {
     float m = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, finite_abs(value(j)));
