@@ -42,7 +42,7 @@ int run_bench(const BenchOptions& o, const std::string& command_line) {
   print_table_header(std::cout, false);
 
   const RowSettings settings{plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens,
-                             flusher ? &*flusher : nullptr};
+                             flusher ? &*flusher : nullptr, !o.no_graph};
   // A GPU row runs as one chunk (its workspace fits the card; chunks would re-read the weights);
   // the CPU keeps the library's default chunk, which bounds host memory.
   const int64_t chunk = plan.cuda ? plan.max_tokens() : MoELayerConfig{}.chunk_tokens;
@@ -62,7 +62,7 @@ int run_bench(const BenchOptions& o, const std::string& command_line) {
                                     tokens, machine.ceilings);
       BenchRow row = measured_row(spec, plan.format, tokens, layer, run, cost);
       row.device = machine.kind;
-      row.graph = plan.cuda;
+      row.graph = plan.cuda && settings.cuda_graph;
       print_table_row(std::cout, row);
       std::cout.flush();
       if (json) json->add(row);
@@ -95,6 +95,10 @@ Command add_bench_command(CLI::App& app, std::string command_line) {
                       "copy bandwidth and cuBLAS GEMM rates")
           ->check(CLI::IsMember({"cpu", "cuda"}))
           ->capture_default_str();
+  cmd->add_flag("--no-graph", o->no_graph,
+               "GPU rows: launch the forward's kernels on the stream for each rep instead of "
+               "replaying a CUDA graph (what profilers such as ncu see kernel by kernel)")
+      ->needs(device);
   cmd->add_option("--threads", o->threads,
                   "threads (0: every hardware thread; with --ep, per rank: 0 splits this host's "
                   "threads among its ranks)")

@@ -247,22 +247,33 @@ RowRun run_cuda_row(const RowSettings& s, const LayerSpec& spec, BenchLayer& b, 
   routing();
   run.routing_us = median_ms(stream, 5, routing) * 1e3;
 
-  // The forward is enqueued once into a graph (no host synchronization inside it), replayed.
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  b.layer->forward_routed(x, ids, weights, y, ctx);
-  BENCH_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  auto replay = [&] { BENCH_CHECK_CUDA(cudaGraphLaunch(exec, stream)); };
+  // The forward is enqueued once into a graph (no host synchronization inside it), replayed;
+  // or, without the graph, launched afresh for each rep.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  auto forward = [&] { b.layer->forward_routed(x, ids, weights, y, ctx); };
+  if (s.cuda_graph) {
+    BENCH_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    forward();
+    BENCH_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+    BENCH_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  }
+  auto replay = [&] {
+    if (exec)
+      BENCH_CHECK_CUDA(cudaGraphLaunch(exec, stream));
+    else
+      forward();
+  };
   replay();  // warm-up
   L2Flusher flusher;
   const int reps = s.reps ? s.reps : kDefaultReps;
   const double ms = median_ms(stream, reps, replay, [&] { flusher.flush(stream); });
   run.timing = {ms * 1e3, ms * 1e3, ms * 1e3, reps};
   BENCH_CHECK_CUDA(cudaStreamSynchronize(stream));
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  if (exec) {
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
 
   run.ids = Tensor(DType::kI32, {tokens, k});
   copy_to_host(ids, run.ids);

@@ -25,8 +25,8 @@ std::unique_ptr<MoELayer> make_cuda_bench_layer(const MoELayerConfig& config,
                                                 std::shared_ptr<void>& device_copies);
 
 // One row on the device: inputs drawn on the host and copied, routing timed on its own, the
-// forward captured once in a CUDA graph and replayed (median of settings.reps, default 30),
-// then the sampled oracle check on the host.
+// forward captured once in a CUDA graph and replayed (settings.cuda_graph; else launched afresh
+// each rep), median of settings.reps (default 30), then the sampled oracle check on the host.
 RowRun run_cuda_row(const RowSettings& settings, const LayerSpec& spec, BenchLayer& layer,
                     int64_t tokens);
 

@@ -26,6 +26,7 @@ struct BenchOptions {
   std::string json;
   uint64_t seed = 1;
   int err_tokens = 4;
+  bool no_graph = false;  // --no-graph (GPU rows)
   int ep = 0;  // 0: one process, no expert parallelism
   EpMode ep_mode = EpMode::kAllToAll;
   EpPlacement placement = EpPlacement::kLinear;

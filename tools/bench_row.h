@@ -20,6 +20,7 @@ struct RowSettings {
   int reps = 0;  // 0: adaptive, kMinReps to kMaxReps within kRowBudgetUs
   int err_tokens = 0;
   CacheFlusher* flusher = nullptr;
+  bool cuda_graph = true;  // GPU rows: replay the forward captured in a CUDA graph, or launch it
 };
 
 struct Timing {

@@ -48,10 +48,13 @@ __global__ void convert_rows_kernel(const T* __restrict__ x, int64_t x_stride, i
 }
 
 // Block (t, y): token t, columns [y * kThreads * kCols, ...) with kCols consecutive columns per
-// thread. The token's ids and weights are staged in shared memory first, so the k loads of
-// fused_out per column are independent (not a chain behind each id load). Slots summed in order
-// 0..k-1: deterministic.
+// thread. Each batch of kSlotBatch slots' values is loaded before any is used (and the first
+// batch before the token's ids and weights are staged in shared memory), so the loads of a
+// token's slots overlap instead of forming a chain of round trips -- at decode, with the rows
+// in L2, that chain was most of this kernel's time. Slots summed in order 0..k-1:
+// deterministic.
 constexpr int kCols = 4;
+constexpr int kSlotBatch = 8;
 
 template <typename T>
 __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k, int64_t H,
@@ -64,21 +67,33 @@ __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k,
   launch_dependents();
   const int64_t t = blockIdx.x;
   const int64_t h0 = (blockIdx.y * int64_t(blockDim.x) + threadIdx.x) * kCols;
-  if (!reduced) {
-    for (int s = threadIdx.x; s < k; s += blockDim.x)
-      slot_weight[s] = ids[t * ids_stride + s] < 0 ? __int_as_float(0x7fffffff)
-                       : apply_weights             ? weights[t * weights_stride + s]
-                                                   : 1.0f;
-    __syncthreads();
-  }
+  const int slots = reduced ? 1 : k;
   float acc[kCols] = {};
-  for (int s = 0; s < (reduced ? 1 : k); ++s) {
-    const float w = reduced ? 1.0f : slot_weight[s];
-    if (isnan(w) && !reduced) continue;
-    const float* row = fused + (reduced ? t : t * k + s) * H;
+  for (int s0 = 0; s0 < slots; s0 += kSlotBatch) {
+    // Rows of skipped slots are read too (they exist) and ignored below.
+    float v[kSlotBatch][kCols];
 #pragma unroll
-    for (int c = 0; c < kCols; ++c)
-      if (h0 + c < H) acc[c] = fmaf(w, row[h0 + c], acc[c]);
+    for (int i = 0; i < kSlotBatch; ++i) {
+      const float* row = fused + (reduced ? t : t * k + s0 + i) * H;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c)
+        v[i][c] = s0 + i < slots && h0 + c < H ? row[h0 + c] : 0.0f;
+    }
+    if (s0 == 0 && !reduced) {
+      for (int s = threadIdx.x; s < k; s += blockDim.x)
+        slot_weight[s] = ids[t * ids_stride + s] < 0 ? __int_as_float(0x7fffffff)
+                         : apply_weights             ? weights[t * weights_stride + s]
+                                                     : 1.0f;
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < kSlotBatch; ++i) {
+      if (s0 + i >= slots) break;
+      const float w = reduced ? 1.0f : slot_weight[s0 + i];
+      if (isnan(w) && !reduced) continue;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w, v[i][c], acc[c]);
+    }
   }
 #pragma unroll
   for (int c = 0; c < kCols; ++c)
