@@ -13,7 +13,7 @@ out=${OUT:-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
 build=build-cuda
-tests=(test_cuda_router test_cuda_layer test_cuda_experts)
+tests=(test_cuda_router test_cuda_layer test_cuda_experts test_cuda_batched test_cuda_contracts)
 if [[ -n ${PREBUILT:-} ]] && "$PREBUILT/tests/test_cuda_experts" --gtest_list_tests >/dev/null 2>&1; then
   build=$PREBUILT
   echo "using the prebuilt $build"

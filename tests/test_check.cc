@@ -217,6 +217,91 @@ TEST(CheckSuite, ExpertsRefusingTheFormatMakeTheCaseNotApplicable) {
   EXPECT_EQ(report.not_applicable(), 0u);
 }
 
+// A refusal of the shape ("multiples of N") is not applicable only where H or I is not a
+// multiple of N: experts refusing a shape they claim to take fail.
+TEST(CheckSuite, ExpertsRefusingTheShapeAreNotApplicableOnlyWhereItIsUnaligned) {
+  check::CheckOptions o;
+  o.threads = 1;
+  o.tokens = {7};
+  o.routing = {RoutingMethod::kSoftmaxTopK};
+  o.placements = {check::Placement::kLinear};
+  o.ranks = {1};
+  o.experts = {"aligned"};
+  o.prepare_finalize = {"local"};
+  o.extra_experts.push_back(
+      {"aligned", [](const ExpertWeights& w, const Activation&, int) -> std::shared_ptr<Experts> {
+         MOEKIT_FAIL("aligned: hidden ", w.hidden(), " and intermediate ", w.intermediate(),
+                     " must be multiples of 16");
+       }});
+  o.hidden = 72;  // 72 = 16 * 4.5; I = 45
+  check::CheckReport report = check::run_contract_suite(o);
+  ASSERT_EQ(report.results.size(), 1u);
+  EXPECT_TRUE(report.results[0].not_applicable) << report.results[0].str();
+  EXPECT_EQ(report.results[0].detail.rfind(
+                "the experts refuse the shape H=72, I=45 (they need multiples of 16): ", 0),
+            0u)
+      << report.results[0].detail;
+  o.hidden = 64;
+  o.intermediate = 48;
+  report = check::run_contract_suite(o);
+  ASSERT_EQ(report.results.size(), 1u);
+  EXPECT_FALSE(report.results[0].not_applicable) << report.results[0].str();
+  EXPECT_FALSE(report.results[0].passed);
+  EXPECT_NE(report.results[0].detail.find("must be multiples of 16"), std::string::npos)
+      << report.results[0].detail;
+}
+
+// Entries of a device pair only with prepare/finalize entries of that device; experts named
+// without one of theirs are an error, not an empty sweep.
+TEST(CheckSuite, CasesPairEntriesOfTheSameDevice) {
+  check::CheckOptions o;
+  o.routing = {RoutingMethod::kSoftmaxTopK};
+  o.extra_experts.push_back({"gpu-stub",
+                             [](const ExpertWeights&, const Activation&, int) {
+                               return std::shared_ptr<Experts>();
+                             },
+                             false, DeviceType::kCUDA});
+  const std::vector<check::CheckCase> cases = check::enumerate_cases(o);
+  ASSERT_FALSE(cases.empty());
+  for (const check::CheckCase& c : cases) {
+    const bool cuda_pf = c.prepare_finalize.rfind("cuda", 0) == 0;
+    EXPECT_EQ(c.device, cuda_pf ? DeviceType::kCUDA : DeviceType::kCPU) << c.name();
+    EXPECT_EQ(c.experts == "gpu-stub" || c.experts.rfind("cuda", 0) == 0, cuda_pf) << c.name();
+  }
+  o.experts = {"gpu-stub"};
+  o.prepare_finalize = {"local"};
+  EXPECT_TRUE(error_mentions([&] { check::enumerate_cases(o); },
+                             "experts 'gpu-stub' run on cuda and no selected prepare/finalize"));
+  o.experts = {"reference"};
+  o.device = DeviceType::kCPU;
+  EXPECT_FALSE(check::enumerate_cases(o).empty());
+}
+
+// Without a CUDA device, or in a build without CUDA, the CUDA entries are absent, and naming
+// one (or the device) says why instead of running nothing.
+TEST(CheckSuite, CudaEntriesWithoutADeviceAreAbsentAndNamingOneSaysWhy) {
+  const std::optional<std::string> why = check::device_unavailable(DeviceType::kCUDA);
+  EXPECT_EQ(check::device_unavailable(DeviceType::kCPU), std::nullopt);
+  if (!why) GTEST_SKIP() << "a CUDA device is present (test_cuda_contracts runs its entries)";
+  EXPECT_TRUE(*why == "no CUDA device" || *why == "moekit built without CUDA") << *why;
+  EXPECT_TRUE(check::experts_registry(DeviceType::kCUDA).empty());
+  EXPECT_TRUE(check::prepare_finalize_registry(DeviceType::kCUDA).empty());
+  EXPECT_TRUE(check::experts_registry(std::nullopt).size() == check::experts_registry().size());
+  check::CheckOptions o;
+  for (const char* name : {"cuda-small-batch", "cuda-grouped-gemm", "cuda"}) {
+    o.experts = {name};
+    EXPECT_TRUE(error_mentions([&] { check::enumerate_cases(o); },
+                               "experts '" + std::string(name) + "': " + *why));
+  }
+  o.experts = {};
+  o.prepare_finalize = {"cuda-local"};
+  EXPECT_TRUE(error_mentions([&] { check::enumerate_cases(o); },
+                             "prepare/finalize 'cuda-local': " + *why));
+  o.prepare_finalize = {};
+  o.device = DeviceType::kCUDA;
+  EXPECT_TRUE(error_mentions([&] { check::enumerate_cases(o); }, "device cuda: " + *why));
+}
+
 TEST(CheckSuite, RegistryHasTheReferenceEveryCpuIsaAndAFallback) {
   std::set<std::string> names;
   for (const auto& e : check::experts_registry()) names.insert(e.name);

@@ -151,7 +151,7 @@ TEST(Cli, BenchRunsAQuantizedFormat) {
 }
 
 TEST(Cli, CheckPassesOnATinyShape) {
-  const RunResult r = run_cli("check -E 8 -H 33 -I 17 -k 2 --tokens 1,7 --ranks 1,2");
+  const RunResult r = run_cli("check --device cpu -E 8 -H 33 -I 17 -k 2 --tokens 1,7 --ranks 1,2");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(" passed, 0 failed\n"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("PASS "), std::string::npos) << r.output;

@@ -1,6 +1,6 @@
 // The contracts of DESIGN.md section 2.
 //
-// ContractSuite: one parameterized test over the registry (every Experts x PrepareFinalize) x
+// ContractSuite: one parameterized test over the CPU registry (every Experts x PrepareFinalize) x
 // placement x ranks x routing x activation x format, each run for several token counts (1, 7,
 // 19, 99 and 111 for the float formats) against the oracle (check.h documents what is
 // compared); experts that refuse a format at construction skip their cases with the reason.
@@ -23,6 +23,8 @@ namespace {
 
 check::CheckOptions suite_options() {
   check::CheckOptions o;  // E = 8, H = 67, I = 45, k = 2, chunks of 64
+  // The CPU entries: the CUDA ones refuse these odd shapes (test_cuda_contracts runs them).
+  o.device = DeviceType::kCPU;
   // One thread: each case builds up to 5 kernels, and idle pools spinning on 2 cores cost more
   // than the work. Contract9Deterministic covers 2 threads.
   o.threads = 1;

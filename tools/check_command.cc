@@ -23,6 +23,7 @@ struct CheckCommandOptions {
   bool scale = true;
   std::string tokens;
   std::vector<std::string> formats = {"bf16"};
+  std::string device = "all";
   std::vector<std::string> experts;
   std::vector<std::string> placements;
   std::vector<int> ranks;
@@ -34,6 +35,15 @@ int64_t shrink(int64_t size) {
   return std::max(kMinScaledSize, size / kShrink) | 1;
 }
 
+// How the suite words a refusal of the shape (CaseResult::detail).
+constexpr std::string_view kShapeRefusal = "the experts refuse the shape";
+
+// Where the suite picks every device's entries: which run, and why CUDA's do not.
+std::string cuda_note() {
+  const auto why = check::device_unavailable(DeviceType::kCUDA);
+  return why ? " (CPU entries only: " + *why + ")" : " (CPU and CUDA entries)";
+}
+
 // How close a result came to its bound (a bit-exact comparison has bound 0).
 double closeness(const check::CaseResult& r) {
   return r.bound > 0 ? r.max_err / r.bound : r.max_err > 0 ? INFINITY : 0;
@@ -42,9 +52,16 @@ double closeness(const check::CaseResult& r) {
 // The suite's own defaults, narrowed to the layer the command line names.
 check::CheckOptions suite_options(const CheckCommandOptions& o) {
   check::CheckOptions c;
-  const ShapeOptions& s = o.shape;
+  ShapeOptions s = o.shape;
   if (!s.presets.empty() || s.experts || s.hidden || s.intermediate || s.top_k ||
       !s.routing.empty() || !s.activation.empty()) {
+    // Without a preset, the sizes not given are the suite's own (-H 96 -I 48: E = 8, k = 2).
+    if (s.presets.empty()) {
+      if (!s.experts) s.experts = c.num_experts;
+      if (!s.hidden) s.hidden = c.hidden;
+      if (!s.intermediate) s.intermediate = c.intermediate;
+      if (!s.top_k) s.top_k = c.top_k;
+    }
     const LayerSpec spec = resolve_layer_specs(s).front();
     c.num_experts = spec.num_experts;
     c.top_k = spec.top_k;
@@ -64,6 +81,11 @@ check::CheckOptions suite_options(const CheckCommandOptions& o) {
       c.dtypes.push_back(q.weight_dtype());
     else
       c.formats.push_back(q);
+  }
+  if (o.device != "all") {
+    c.device = o.device == "cuda" ? DeviceType::kCUDA : DeviceType::kCPU;
+    if (auto why = check::device_unavailable(*c.device))
+      throw CLI::ValidationError("--device", o.device + ": " + *why);
   }
   if (!o.experts.empty()) c.experts = o.experts;
   if (!o.placements.empty()) {
@@ -123,7 +145,8 @@ int run_check(const CheckCommandOptions& o) {
                 << " MPI ranks, each checking its own tokens";
     std::cout << ", each over tokens";
     for (int64_t t : options.tokens) std::cout << " " << t;
-    std::cout << "\n";
+    const bool every_device = !options.device && !job && options.experts.empty();
+    std::cout << (every_device ? cuda_note() : "") << "\n";
     if (!o.shape.presets.empty())
       std::cout << "note: a preset gives the suite its shape, routing method, activation and "
                    "biases; grouped-routing parameters are the suite's own, and a shared expert "
@@ -131,6 +154,7 @@ int run_check(const CheckCommandOptions& o) {
   }
   // Rank results: with --ep each case counts once per rank.
   CaseOutcome total;
+  bool shape_refused = false;
   for (const check::CheckCase& kase : cases) {
     const std::vector<check::CaseResult> results = check::run_case(kase, options);
     CaseOutcome all;
@@ -139,6 +163,8 @@ int run_check(const CheckCommandOptions& o) {
     else
       all = outcome(results);
     total.add(all);
+    shape_refused = shape_refused || (!results.empty() && results.front().not_applicable &&
+                                      results.front().detail.find(kShapeRefusal) == 0);
     if (leader) {
       std::cout << (all.failed ? "FAIL " : all.not_applicable ? "N/A  " : "PASS ") << kase.name();
       if (all.not_applicable && !results.empty())
@@ -157,9 +183,15 @@ int run_check(const CheckCommandOptions& o) {
   if (leader) {
     std::cout << total.passed << " passed, " << total.failed << " failed";
     if (total.not_applicable)
-      std::cout << ", " << total.not_applicable << " not applicable (the experts refuse the format)";
+      std::cout << ", " << total.not_applicable
+                << " not applicable (the experts refuse the format or the shape)";
     if (job) std::cout << " (each case counted on each of the " << job->size() << " ranks)";
     std::cout << "\n";
+    if (shape_refused)
+      std::cout << "note: experts refused the shape H=" << options.hidden
+                << " I=" << options.intermediate
+                << "; give -H and -I multiples of what they need (the CUDA experts: 8 for "
+                   "16-bit formats, 16 for fp8, e.g. -H 96 -I 48)\n";
   }
   return total.failed ? 1 : 0;
 }
@@ -172,7 +204,8 @@ Command add_check_command(CLI::App& app) {
       "check",
       "Run the contract suite (DESIGN.md §2): every Experts x PrepareFinalize x placement x "
       "ranks against the fp64 oracle.\nWithout a preset or shape: the suite's own sweep (every "
-      "routing method, a small odd shape). Exits non-zero when a case fails.");
+      "routing method, a small odd shape); without a preset, sizes not given are the suite's "
+      "(E=8 H=67 I=45 k=2). Exits non-zero when a case fails.");
   add_shape_options(*cmd, o->shape, /*preset_list=*/false);
   cmd->add_flag("--scale,!--no-scale", o->scale,
                 "shrink a preset's H and I by " + std::to_string(kShrink) +
@@ -184,6 +217,13 @@ Command add_check_command(CLI::App& app) {
                   "colons (w4a16:g32:zp); 4-bit formats need even H and I")
       ->delimiter(',')
       ->capture_default_str();
+  CLI::Option* device =
+      cmd->add_option("--device", o->device,
+                      "cpu, cuda or all: the registry entries of that device (cuda ones exist "
+                      "when moekit is built with CUDA and a GPU is present; their experts need H "
+                      "and I multiples of 8, 16 for fp8, e.g. -H 96 -I 48)")
+          ->check(CLI::IsMember({"cpu", "cuda", "all"}))
+          ->capture_default_str();
   cmd->add_option("--impl", o->experts, "comma list of Experts implementations (default all)")
       ->delimiter(',');
   cmd->add_option("--placement", o->placements,
@@ -200,7 +240,8 @@ Command add_check_command(CLI::App& app) {
   add_ep_option(*cmd, o->ep,
                 "the distributed prepare/finalize cases run across the ranks, each checking its "
                 "own tokens; rank 0 prints the cases and the totals, every rank its failures")
-      ->excludes(ranks);
+      ->excludes(ranks)
+      ->excludes(device);  // the CUDA entries run in one process
   return {cmd, [o] { return run_check(*o); }};
 }
 

@@ -1,7 +1,8 @@
 // Contract checks (DESIGN.md section 2) shared by the GoogleTest suite and `moekit check`:
 // deterministic test data (float and quantized formats), comparisons that name the first bad
 // coordinate, the error bounds of each format, the placements, the registry of PrepareFinalize
-// and Experts implementations, and a runner that checks every composition against the oracle.
+// and Experts implementations (CPU, and CUDA where a device is present), and a runner that checks
+// every composition against the oracle.
 //
 //   CheckOptions opts;                      // E, H, I, k, tokens, what to sweep
 //   CheckReport report = run_contract_suite(opts);
@@ -150,12 +151,16 @@ ExpertMap make_placement(Placement p, int num_experts, int num_ranks, uint64_t s
 
 struct ExpertsEntry {
   std::string name;
-  // Builds the Experts of one rank from its local weights; threads 0: all hardware threads.
+  // Builds the Experts of one rank from its local weights, which live on `device`; threads 0:
+  // all hardware threads (CPU experts).
   std::function<std::shared_ptr<Experts>(const ExpertWeights&, const Activation&, int threads)>
       make;
   // A token's output does not depend on the other rows of the batch; the checks then demand
   // bit-exact agreement where arithmetic allows (rank split with k = 1, chunking).
   bool batch_invariant = false;
+  // Where its weights, inputs and outputs live; a case pairs it with prepare/finalize entries of
+  // the same device.
+  DeviceType device = DeviceType::kCPU;
 };
 
 struct PrepareFinalizeEntry {
@@ -169,15 +174,27 @@ struct PrepareFinalizeEntry {
                                                  int64_t max_tokens)>
       make;
   bool distributed = false;
+  DeviceType device = DeviceType::kCPU;
 };
 
-// reference; cpu-<isa> for each ISA family this CPU supports; fallback (the best CPU ISA for
-// <= 16 rows, scalar above).
-std::vector<ExpertsEntry> experts_registry();
-// local (single process; one rank's share of a multi-rank map); naive, all_to_all and
+// The entries of `device` (nullopt: of every device). The default is the CPU's, whose entries
+// take host tensors, as the tests that build kernels from the registry give them.
+// CPU: reference; cpu-<isa> for each ISA family this CPU supports; fallback (the best CPU ISA
+// for <= 16 rows, scalar above).
+// CUDA, present only when moekit is built with CUDA and a CUDA device is present (else absent,
+// and naming one is an error that says why): cuda-small-batch (kNone: the top-k weights applied
+// by the CUDA weight-and-reduce), cuda-small-batch-reduced (kWeightedAndReduced),
+// cuda-grouped-gemm, and cuda (small-batch up to 8 dispatched rows, grouped GEMM above).
+std::vector<ExpertsEntry> experts_registry(std::optional<DeviceType> device = DeviceType::kCPU);
+// CPU: local (single process; one rank's share of a multi-rank map); naive, all_to_all and
 // low_latency (distributed: over MPI ranks, or one rank in process; low_latency is batched, and
-// the suite wraps the experts with make_batched_experts).
-std::vector<PrepareFinalizeEntry> prepare_finalize_registry();
+// the suite wraps the experts with make_batched_experts). CUDA (as above): cuda-local (one
+// rank's share, in process).
+std::vector<PrepareFinalizeEntry> prepare_finalize_registry(
+    std::optional<DeviceType> device = DeviceType::kCPU);
+// Why `device` has no registry entries here ("moekit built without CUDA", "no CUDA device");
+// nullopt when it has them (always for the CPU).
+std::optional<std::string> device_unavailable(DeviceType device);
 
 // Rows of each of `ranks` ranks when `total` tokens are spread unevenly (rank r weighs 3 + 9 r;
 // with 3+ ranks the last one gets none), as the distributed checks spread them.
@@ -195,6 +212,7 @@ struct CheckCase {
   bool bias = false;
   DType dtype = DType::kBF16;  // x and y (the float format's dtype, or bf16 for quantized ones)
   QuantScheme format;          // the weights' (and activations') format
+  DeviceType device = DeviceType::kCPU;  // where its entries run
   // "cpu-avx2/local/round_robin x2/softmax_topk/silu/bf16" (+ "/bias"); a quantized format ends
   // the name instead of the dtype ("/fp8-block:ue8m0").
   std::string name() const;
@@ -205,8 +223,11 @@ struct CaseResult {
   int64_t tokens = 0;
   // True when nothing failed -- also for a case that is not applicable.
   bool passed = false;
-  // The experts refused the case's format when built (moekit::Error naming the "format"): the
-  // case did not run, detail says why. Counted apart from passed and failed cases.
+  // The experts refused the case when built -- its format (a moekit::Error naming the
+  // "format"), or its shape (an error asking for "multiples of N" where H or I is not one): the
+  // case did not run, and detail says why ("the experts refuse the format: <error>", "the experts
+  // refuse the shape H=67, I=45 (they need multiples of 8): <error>"). Counted apart from passed
+  // and failed cases.
   bool not_applicable = false;
   double max_err = 0, bound = 0;  // of the row comparison closest to its bound
   std::string detail;             // the failing check and its first bad coordinate, or errors
@@ -231,7 +252,10 @@ struct CheckOptions {
                                        Placement::kShuffledTable, Placement::kReplicated};
   std::vector<int> ranks = {1, 2, 4};
   std::vector<bool> biases = {false};
-  std::vector<std::string> experts;  // registry names; empty: all
+  // Run only the registry entries of this device (nullopt: of every device present); a device
+  // without entries here (no GPU, or moekit built without CUDA) is an error.
+  std::optional<DeviceType> device;
+  std::vector<std::string> experts;  // registry names; empty: all (of `device`)
   // Checked alongside the registry (an implementation under development, or a deliberately
   // broken one that the suite must catch); selected by `experts` like the registered ones.
   std::vector<ExpertsEntry> extra_experts;
@@ -261,12 +285,15 @@ struct CheckReport {
   bool ok() const { return failed() == 0; }
 };
 
-// The cases the options select (the cross product, less combinations that do not apply);
-// throws moekit::Error naming an unknown registry name.
+// The cases the options select (the cross product, less combinations that do not apply; experts
+// and prepare/finalize entries of the same device only); throws moekit::Error naming an unknown
+// registry name, an entry of a device absent here (and why), or an experts entry named in
+// `experts` that no selected prepare/finalize entry pairs with.
 std::vector<CheckCase> enumerate_cases(const CheckOptions& options);
-// Runs one case for every token count. Never throws: errors become failed results, and experts
-// that refuse the format at construction (a moekit::Error mentioning "format") make every result
-// not applicable.
+// Runs one case for every token count, its kernels where its entries' device is (CUDA: the
+// weights, x and routing copied to the device, y copied back; the comparisons are the same).
+// Never throws: errors become failed results, and experts that refuse the case at construction
+// (CaseResult::not_applicable) make every result not applicable.
 // Per token count it checks, against reference_moe on the same inputs (within error_bound, and
 // for formats with quantized activations within systematic_error_bound):
 //   each rank's output vs the oracle's share of that rank (rows it does not serve: exact 0);

@@ -1,14 +1,15 @@
 // check.h, part 2: placements, the registry, and the contract suite's runner.
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "moekit/check.h"
 #include "moekit/cpu.h"
 #include "moekit/dist/ep.h"
 #include "moekit/reference.h"
+#include "reference/contracts_device.h"
 
 namespace moekit::check {
 namespace {
@@ -36,18 +37,32 @@ const Entry& find_entry(const std::vector<Entry>& entries, std::string_view name
     if (e.name == name) return e;
     known += (known.empty() ? "" : ", ") + e.name;
   }
+  if (auto why = why_entry_absent(name)) MOEKIT_FAIL("check: ", what, " '", name, "': ", *why);
   MOEKIT_FAIL("check: unknown ", what, " '", name, "' (registered: ", known, ")");
 }
 
-// The registry entries that `wanted` names (all when empty).
+// The names of the entries of `device` (every device's when nullopt) that `wanted` names (all
+// when empty).
 template <typename Entry>
 std::vector<std::string> selected(const std::vector<Entry>& entries,
-                                  const std::vector<std::string>& wanted, const char* what) {
+                                  const std::vector<std::string>& wanted,
+                                  std::optional<DeviceType> device, const char* what) {
   std::vector<std::string> names;
-  for (const Entry& e : entries) names.push_back(e.name);
+  for (const Entry& e : entries)
+    if (!device || e.device == *device) names.push_back(e.name);
   if (wanted.empty()) return names;
-  for (const std::string& w : wanted) find_entry(entries, w, what);
+  for (const std::string& w : wanted) {
+    const DeviceType d = find_entry(entries, w, what).device;
+    MOEKIT_CHECK(!device || d == *device, "check: ", what, " '", w, "' runs on ", device_name(d),
+                 ", not on the selected device ", device_name(*device));
+  }
   return wanted;
+}
+
+template <typename Entry>
+std::vector<Entry> on_device(std::vector<Entry> entries, std::optional<DeviceType> device) {
+  if (device) std::erase_if(entries, [&](const Entry& e) { return e.device != *device; });
+  return entries;
 }
 
 }  // namespace
@@ -132,7 +147,7 @@ ExpertMap make_placement(Placement p, int E, int R, uint64_t seed) {
 
 // ---- registry ---------------------------------------------------------------------------
 
-std::vector<ExpertsEntry> experts_registry() {
+std::vector<ExpertsEntry> experts_registry(std::optional<DeviceType> device) {
   std::vector<ExpertsEntry> entries;
   entries.push_back({"reference",
                      [](const ExpertWeights& w, const Activation& act, int) {
@@ -159,12 +174,13 @@ std::vector<ExpertsEntry> experts_registry() {
                                                     kFallbackSmallTokens);
                      },
                      false});
-  return entries;
+  add_cuda_experts(entries);
+  return on_device(std::move(entries), device);
 }
 
-std::vector<PrepareFinalizeEntry> prepare_finalize_registry() {
+std::vector<PrepareFinalizeEntry> prepare_finalize_registry(std::optional<DeviceType> device) {
   using Comm = std::shared_ptr<Communicator>;
-  return {
+  std::vector<PrepareFinalizeEntry> entries = {
       {"local",
        [](const ExpertMap& map, int rank, Comm, int64_t) {
          return make_local_prepare_finalize(map, rank);
@@ -185,6 +201,8 @@ std::vector<PrepareFinalizeEntry> prepare_finalize_registry() {
        },
        true},
   };
+  add_cuda_prepare_finalize(entries);
+  return on_device(std::move(entries), device);
 }
 
 std::vector<int64_t> split_rows(int64_t total, int ranks) {
@@ -224,22 +242,40 @@ size_t CheckReport::not_applicable() const {
 }
 
 namespace {
+// The registry's experts of every device, and the options' extra ones.
 std::vector<ExpertsEntry> all_experts(const CheckOptions& o) {
-  std::vector<ExpertsEntry> entries = experts_registry();
+  std::vector<ExpertsEntry> entries = experts_registry(std::nullopt);
   entries.insert(entries.end(), o.extra_experts.begin(), o.extra_experts.end());
   return entries;
 }
 }  // namespace
 
 std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
-  const auto experts = selected(all_experts(o), o.experts, "experts");
-  const auto registry = prepare_finalize_registry();
-  const auto pfs = selected(registry, o.prepare_finalize, "prepare/finalize");
+  if (o.device)
+    if (auto why = device_unavailable(*o.device))
+      MOEKIT_FAIL("check: device ", device_name(*o.device), ": ", *why);
+  const std::vector<ExpertsEntry> experts_entries = all_experts(o);
+  const auto experts = selected(experts_entries, o.experts, o.device, "experts");
+  const auto registry = prepare_finalize_registry(std::nullopt);
+  const auto pfs = selected(registry, o.prepare_finalize, o.device, "prepare/finalize");
+  auto device_of = [&](const std::string& e) {
+    return find_entry(experts_entries, e, "experts").device;
+  };
+  // Experts named explicitly must pair with a selected prepare/finalize of their device.
+  for (const std::string& e : o.experts) {
+    const DeviceType d = device_of(e);
+    const bool paired = std::any_of(pfs.begin(), pfs.end(), [&](const std::string& pf) {
+      return find_entry(registry, pf, "prepare/finalize").device == d;
+    });
+    MOEKIT_CHECK(paired, "check: experts '", e, "' run on ", device_name(d),
+                 " and no selected prepare/finalize does");
+  }
   // In one process, distributed entries run as one rank; under MPI only they run, over all.
   const int world = o.communicator ? o.communicator->size() : 0;
-  auto applies = [&](const std::string& pf, int ranks) {
-    const bool distributed = find_entry(registry, pf, "prepare/finalize").distributed;
-    return world ? distributed && ranks == world : !distributed || ranks == 1;
+  auto applies = [&](const std::string& e, const std::string& pf, int ranks) {
+    const PrepareFinalizeEntry& entry = find_entry(registry, pf, "prepare/finalize");
+    if (entry.device != device_of(e)) return false;
+    return world ? entry.distributed && ranks == world : !entry.distributed || ranks == 1;
   };
   const std::vector<int> rank_counts = world ? std::vector<int>{world} : o.ranks;
   for (RoutingMethod m : o.routing)
@@ -265,8 +301,9 @@ std::vector<CheckCase> enumerate_cases(const CheckOptions& o) {
               if (!placement_applies(placement, o.num_experts, ranks)) continue;
               for (const std::string& e : experts)
                 for (const std::string& pf : pfs)
-                  if (applies(pf, ranks))
-                    cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype, format});
+                  if (applies(e, pf, ranks))
+                    cases.push_back({e, pf, placement, ranks, routing, act, bias, dtype, format,
+                                     device_of(e)});
             }
   return cases;
 }
@@ -277,6 +314,8 @@ namespace {
 
 // The case's kernels, built once and run for every token count.
 struct CaseKernels {
+  // Where they run; declared first, so that it outlives the kernels over its weights.
+  std::unique_ptr<CaseDevice> device;
   // In process: one per rank of the case's map. Under MPI: this process's rank only.
   std::vector<std::unique_ptr<ModularKernel>> ranks;
   std::unique_ptr<ModularKernel> single;  // local PF over linear(E, 1); null for 1 rank in process
@@ -341,20 +380,32 @@ int64_t max_tokens_of(const CheckOptions& o) {
   return m;
 }
 
-// Experts refuse a format they do not compute with a moekit::Error that says "format".
-bool mentions_format(std::string_view message) {
+// Experts refuse a case they do not compute with a moekit::Error at construction: its shape,
+// asking for sizes that are "multiples of N" -- believed only where H or I is not one, so that a
+// kernel refusing a shape it claims to take fails -- or else its format (the message says
+// "format"). Returns the not-applicable reason, or nullopt where the error is a failure.
+std::optional<std::string> refusal(std::string_view message, int64_t H, int64_t I) {
   std::string lower(message);
   std::transform(lower.begin(), lower.end(), lower.begin(),
                  [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  return lower.find("format") != std::string::npos;
+  constexpr std::string_view kMultiples = "multiples of ";
+  if (const size_t at = lower.find(kMultiples); at != std::string::npos) {
+    int64_t n = 0;
+    const char* digits = lower.data() + at + kMultiples.size();
+    const auto [end, ec] = std::from_chars(digits, lower.data() + lower.size(), n);
+    if (ec != std::errc() || n < 2 || (H % n == 0 && I % n == 0)) return std::nullopt;
+    return detail::concat("the experts refuse the shape H=", H, ", I=", I,
+                          " (they need multiples of ", n, "): ", message);
+  }
+  if (lower.find("format") != std::string::npos)
+    return "the experts refuse the format: " + std::string(message);
+  return std::nullopt;
 }
 
-Tensor run_kernel(ModularKernel& kernel, const Tensor& x, const Routing& rt, int64_t key_offset) {
-  Tensor y(x.dtype(), {x.size(0), x.size(1)});
-  std::memset(y.data<char>(), 0xff, y.view().nbytes());  // NaN: rows left unwritten fail
-  kernel.forward({x.view(), rt.topk_ids.view(), rt.topk_weights.view(), y.view(),
-                  rt.weight_on_input, key_offset});
-  return y;
+Tensor run_kernel(const CaseKernels& k, ModularKernel& kernel, const Tensor& x,
+                  const Routing& rt, int64_t key_offset) {
+  return k.device->forward(kernel, {x.view(), rt.topk_ids.view(), rt.topk_weights.view(), {},
+                                    rt.weight_on_input, key_offset});
 }
 
 Tensor reference(const LayerWeights& w, const Activation& act, const Tensor& x, const Routing& rt,
@@ -383,7 +434,7 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
   std::vector<Tensor> share(R), y(R);
   for (int r = 0; r < R; ++r) {
     share[r] = reference(w, c.activation, x, rt, &map, r, o.token_key_offset);
-    y[r] = run_kernel(*kernels.ranks[r], x, rt, o.token_key_offset);
+    y[r] = run_kernel(kernels, *kernels.ranks[r], x, rt, o.token_key_offset);
     verdict.add_vs_oracle(detail::concat("rank ", r, " of ", map.str(), " vs the oracle's share"),
                           c, 1, y[r], share[r], error_bound(c.format, c.dtype, 1, woi, H, I));
   }
@@ -416,7 +467,7 @@ void run_tokens(const CheckCase& c, const CheckOptions& o, CaseKernels& kernels,
   else
     verdict.add(detail::concat("sum of the ", R, " ranks vs the whole layer"),
                 compare_rows(sum, whole, bound_r, scale));
-  const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
+  const Tensor single = run_kernel(kernels, *kernels.single, x, rt, o.token_key_offset);
   verdict.add_vs_oracle("linear(E, 1) vs the whole layer", c, 1, single, whole, bound_1);
   if (per_call) return;  // the ranks' intermediates are other batches than linear(E, 1)'s
   // With k = 1 every row comes from one rank, the others add exact zeros: batch-invariant
@@ -446,11 +497,11 @@ void run_tokens_distributed(const CheckCase& c, const CheckOptions& o, CaseKerne
   for (int r = 0; r < me; ++r) begin += rows[r];
   const int64_t end = begin + rows[me];
 
-  Tensor y(x.dtype(), {rows[me], H});
-  std::memset(y.data<char>(), 0xff, y.view().nbytes());
-  kernels.ranks[0]->forward({x.view().slice0(begin, end), rt.topk_ids.view().slice0(begin, end),
-                             rt.topk_weights.view().slice0(begin, end), y.view(),
-                             rt.weight_on_input, o.token_key_offset + begin});
+  const Tensor y = kernels.device->forward(
+      *kernels.ranks[0],
+      {x.view().slice0(begin, end), rt.topk_ids.view().slice0(begin, end),
+       rt.topk_weights.view().slice0(begin, end), {}, rt.weight_on_input,
+       o.token_key_offset + begin});
   const bool per_call = per_call_intermediate(c.format);
   std::vector<Tensor> shares;
   for (int r = 0; per_call && r < c.ranks; ++r)
@@ -463,7 +514,7 @@ void run_tokens_distributed(const CheckCase& c, const CheckOptions& o, CaseKerne
       detail::concat("rank ", me, "'s rows [", begin, ", ", end, ") vs the oracle"), c, c.ranks, y,
       whole.view().slice0(begin, end), bound);
   if (per_call) return;  // linear(E, 1)'s intermediate is another batch than the ranks'
-  const Tensor single = run_kernel(*kernels.single, x, rt, o.token_key_offset);
+  const Tensor single = run_kernel(kernels, *kernels.single, x, rt, o.token_key_offset);
   if (kernels.bit_exact)
     verdict.add(detail::concat("rank ", me, " vs linear(E, 1) (must be bit-exact)"),
                 compare_bits(y, single.view().slice0(begin, end)));
@@ -486,34 +537,44 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
   std::optional<ExpertMap> map;
   CaseKernels kernels;
   bool exact_split = false;
-  std::string refusal;  // the experts' refusal of the case's format
+  std::string refused;  // why the experts refuse the case
   try {
     const std::vector<ExpertsEntry> entries = all_experts(o);
     const ExpertsEntry& ee = find_entry(entries, c.experts, "experts");
-    const std::vector<PrepareFinalizeEntry> registry = prepare_finalize_registry();
+    const std::vector<PrepareFinalizeEntry> registry = prepare_finalize_registry(std::nullopt);
     const PrepareFinalizeEntry& pe = find_entry(registry, c.prepare_finalize, "prepare/finalize");
-    const PrepareFinalizeEntry& local = find_entry(registry, "local", "prepare/finalize");
+    MOEKIT_CHECK(pe.device == ee.device, "check: experts '", ee.name, "' run on ",
+                 device_name(ee.device), ", prepare/finalize '", pe.name, "' on ",
+                 device_name(pe.device));
+    // The single-rank kernel's: the first in-process entry of the device ("local", "cuda-local").
+    const auto local = std::find_if(registry.begin(), registry.end(), [&](const auto& e) {
+      return !e.distributed && e.device == ee.device;
+    });
+    MOEKIT_CHECK(local != registry.end(), "check: no in-process prepare/finalize on ",
+                 device_name(ee.device));
     const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
     weights = make_random_weights(o.num_experts, o.hidden, o.intermediate, c.activation, c.format,
                                   c.bias, seed);
     map = make_placement(c.placement, o.num_experts, c.ranks, seed);
     exact_split = ee.batch_invariant && rc.top_k == 1 && !per_call_intermediate(c.format);
-    auto wr = make_cpu_weight_and_reduce(o.threads);
+    kernels.device = make_case_device(ee.device, weights, o.threads);
+    auto wr = kernels.device->weight_and_reduce();
     // The most rows one rank passes to forward: what low-latency slabs (and its one round) hold.
     int64_t max_tokens = 1;
     for (int64_t M : o.tokens)
       for (int64_t rows : split_rows(M, c.ranks)) max_tokens = std::max(max_tokens, rows);
     const int64_t chunk = one_round(c.format) ? max_tokens_of(o) : o.chunk_tokens;
     auto comm = o.communicator ? o.communicator : make_single_communicator();
-    // The experts of every kernel first: a refusal of the format makes the case not applicable
-    // (on every rank of an MPI job, agreed before any kernel's collective construction).
+    // The experts of every kernel first: a refusal of the case makes it not applicable (on
+    // every rank of an MPI job, agreed before any kernel's collective construction).
     auto make_experts = [&](const ExpertMap& m, int rank) -> std::shared_ptr<Experts> {
       try {
-        return ee.make(ExpertWeights::local_view(weights.view(), m, rank), c.activation,
-                       o.threads);
+        return ee.make(ExpertWeights::local_view(kernels.device->weights(), m, rank),
+                       c.activation, o.threads);
       } catch (const Error& e) {
-        if (!mentions_format(e.message())) throw;
-        refusal = e.message();
+        const auto why = refusal(e.message(), o.hidden, o.intermediate);
+        if (!why) throw;
+        refused = *why;
         return nullptr;
       }
     };
@@ -527,14 +588,14 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
     std::shared_ptr<Experts> single_experts = single ? make_experts(single_map, 0) : nullptr;
     if (o.communicator) {
       int refused_ranks = 0;
-      for (int refused : o.communicator->all_gather(int(!refusal.empty())))
-        refused_ranks += refused;
-      if (refused_ranks && refusal.empty()) refusal = "another rank's experts refused the format";
+      for (int refusing : o.communicator->all_gather(int(!refused.empty())))
+        refused_ranks += refusing;
+      if (refused_ranks && refused.empty()) refused = "another rank's experts refused the case";
     }
-    if (!refusal.empty()) {
+    if (!refused.empty()) {
       for (CaseResult& r : results) {
         r.passed = r.not_applicable = true;
-        r.detail = "the experts refuse the format: " + refusal;
+        r.detail = refused;
       }
       return results;
     }
@@ -543,12 +604,13 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
       auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr, max_tokens);
       const bool batched = pf->activation_format() == ActivationFormat::kBatched;
       if (batched) ex = make_batched_experts(ex);
-      const KernelConfig kc{rc.top_k, c.dtype, batched ? max_tokens : chunk};
-      return std::make_unique<ModularKernel>(pf, ex, wr, kc);
+      return std::make_unique<ModularKernel>(
+          pf, ex, wr,
+          kernels.device->kernel_config(rc.top_k, c.dtype, batched ? max_tokens : chunk));
     };
     for (size_t i = 0; i < kernel_ranks.size(); ++i)
       kernels.ranks.push_back(build(pe, *map, kernel_ranks[i], experts[i]));
-    if (single) kernels.single = build(local, single_map, 0, single_experts);
+    if (single) kernels.single = build(*local, single_map, 0, single_experts);
     // Naive EP sums per-rank partials; the others reduce every token's slots on its owner.
     kernels.bit_exact = ee.batch_invariant && c.prepare_finalize != "naive" &&
                         !per_call_intermediate(c.format);
