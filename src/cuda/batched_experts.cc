@@ -35,7 +35,7 @@ class BatchedExperts final : public CudaExpertsBase {
   BatchedExperts(const ExpertWeights& w, const Activation& act, int64_t max_small_rows,
                  const TensorView& static_act_scale)
       : CudaExpertsBase("cuda-batched", w, act, static_act_scale),
-        gemm1_(grouped_gemm1_for(weights_.elem)),
+        gemm1_(grouped_gemm_for(weights_.elem, false)),
         gemm2_(grouped_gemm_for(weights_.elem, true)),
         // Default: one row per local expert (N <= 1). Measured on H100 (bf16, every expert
         // active, qwen3-30b-a3b's H and I, 16 experts): at N = 1 small-batch wins (63 vs 92 us;
@@ -149,8 +149,8 @@ class BatchedExperts final : public CudaExpertsBase {
 
   // ---- grouped-GEMM path ----
 
-  // Workspace over R rows: counts, offsets [E_local] int32; c1 [R, w13_rows] (gemm1_out: T, or
-  // fp32 for e4m3); a2 [R, I] T; e4m3 only: a2_scale [R] (or [1]) and the amax of a
+  // Workspace over R rows: counts, offsets [E_local] int32; c1 [R, w13_rows] (2-byte elements:
+  // T, or bf16 for e4m3); a2 [R, I] T; e4m3 only: a2_scale [R] (or [1]) and the amax of a
   // dynamic per-tensor a2 scale; the GEMMs' argument arrays.
   struct GroupedBuffers {
     int32_t *counts, *offsets;
@@ -166,7 +166,7 @@ class BatchedExperts final : public CudaExpertsBase {
     const size_t scaled = quantized() ? 1 : 0;
     return {size_t(G * 4),
             size_t(G * 4),
-            size_t(R * rows13 * gemm1_out_bytes(weights_.elem)),
+            size_t(R * rows13 * 2),
             size_t(R * I * elem_bytes()),
             scaled * R * 4,
             scaled * 4,
