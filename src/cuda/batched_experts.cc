@@ -35,8 +35,6 @@ class BatchedExperts final : public CudaExpertsBase {
   BatchedExperts(const ExpertWeights& w, const Activation& act, int64_t max_small_rows,
                  const TensorView& static_act_scale)
       : CudaExpertsBase("cuda-batched", w, act, static_act_scale),
-        gemm1_(grouped_gemm_for(weights_.elem, false)),
-        gemm2_(grouped_gemm_for(weights_.elem, true)),
         // Default: one row per local expert (N <= 1). Measured on H100 (bf16, every expert
         // active, qwen3-30b-a3b's H and I, 16 experts): at N = 1 small-batch wins (63 vs 92 us;
         // so it does for 8 to 128 experts); for larger N it wins only while most rows are padding
@@ -170,7 +168,7 @@ class BatchedExperts final : public CudaExpertsBase {
             size_t(R * I * elem_bytes()),
             scaled * R * 4,
             scaled * 4,
-            std::max(gemm1_.workspace(int(G)), gemm2_.workspace(int(G)))};
+            expert_gemms_workspace(weights_.elem, int(G))};
   }
   size_t grouped_bytes(int64_t R) const {
     size_t bytes = 0;
@@ -194,45 +192,25 @@ class BatchedExperts final : public CudaExpertsBase {
   void apply_grouped(const DispatchedBatch& b, const TensorView& out, Workspace& ws,
                      cudaStream_t stream) const {
     const int G = static_cast<int>(info_.num_local_experts);
-    const int64_t N = b.a1.size(1), R = G * N, H = info_.hidden, I = info_.intermediate;
+    const int64_t N = b.a1.size(1), R = G * N;
     const GroupedBuffers buf = take_grouped(ws, R);
     batched_groups(b.expert_num_tokens.ptr<int32_t>(), G, N, buf.counts, buf.offsets, stream);
-    const GroupedGemmArgs g1{.num_groups = G,
-                             .n = info_.activation.w13_rows(I),
-                             .k = H,
-                             .counts = buf.counts,
-                             .offsets = buf.offsets,
-                             .a = b.a1.data,
-                             .b = weights_.w13,
-                             .b_group_stride = weights_.w13_expert_stride,
-                             .b_row_stride = weights_.w13_row_stride,
-                             .b_index = weights_.index,
-                             .d = buf.c1,
-                             .a_scale = a1_scale(b),
-                             .b_scale = weights_.s13};
-    gemm1_.run(g1, buf.gemm, buf.gemm_bytes, stream);
-    grouped_activation(weights_, buf.c1, buf.counts, buf.offsets, R, buf.a2, buf.a2_scale, buf.amax,
-                       stream);
-    const GroupedGemmArgs g2{
-        .num_groups = G,
-        .n = H,
-        .k = I,
-        .counts = buf.counts,
-        .offsets = buf.offsets,
-        .a = buf.a2,
-        .b = weights_.w2,
-        .b_group_stride = weights_.w2_expert_stride,
-        .b_row_stride = weights_.w2_row_stride,
-        .b_index = weights_.index,
-        .d = out.data,
-        .a_scale = {buf.a2_scale, weights_.a2_scale == ScaleKind::kToken ? 1 : 0},
-        .b_scale = weights_.s2};
-    gemm2_.run(g2, buf.gemm, buf.gemm_bytes, stream);
+    run_expert_gemms(weights_, G, R,
+                     {.counts = buf.counts,
+                      .offsets = buf.offsets,
+                      .a = b.a1.data,
+                      .a_scale = a1_scale(b),
+                      .c1 = buf.c1,
+                      .a2 = buf.a2,
+                      .a2_scale = buf.a2_scale,
+                      .amax = buf.amax,
+                      .d = out.ptr<float>(),
+                      .gemm = buf.gemm,
+                      .gemm_bytes = buf.gemm_bytes},
+                     stream);
     batched_bias_and_padding(weights_, buf.counts, N, out.ptr<float>(), stream);
   }
 
-  const GroupedGemm& gemm1_;
-  const GroupedGemm& gemm2_;
   int64_t max_small_;
   bool log_choices_;
   std::shared_ptr<Experts> small_;  // null when max_small_ is 0

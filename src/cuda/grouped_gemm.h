@@ -49,4 +49,27 @@ extern const GroupedGemm kGroupedGemmE4m3OutBf16, kGroupedGemmE4m3OutF32;
 // else GEMM1's (D in the operand type; bf16 for e4m3).
 const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32);
 
+// The experts' MLP over rows already grouped by local expert (counts, offsets [G]):
+//   a [rows, H] (a_scale) --GEMM1--> c1 [rows, w13_rows] --grouped_activation--> a2 [rows, I]
+//   (a2_scale and amax for e4m3) --GEMM2--> d [rows, H] fp32 (no b2).
+// c1 and d may share memory, as may a and a2 (each is consumed before the other is written, on
+// one stream). gemm: the GEMMs' workspace of gemm_bytes.
+struct ExpertGemms {
+  const int32_t* counts;
+  const int32_t* offsets;
+  const void* a;
+  RowScale a_scale;
+  void* c1;
+  void* a2;
+  float* a2_scale;
+  uint32_t* amax;
+  float* d;
+  void* gemm;
+  size_t gemm_bytes;
+};
+void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows,
+                      const ExpertGemms& g, cudaStream_t stream);
+// Workspace bytes of run_expert_gemms' GEMMs for operands `ab` over num_groups groups.
+size_t expert_gemms_workspace(DType ab, int num_groups);
+
 }  // namespace moekit::cuda

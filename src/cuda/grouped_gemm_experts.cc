@@ -22,9 +22,7 @@ class GroupedGemmExperts final : public CudaExpertsBase {
  public:
   GroupedGemmExperts(const ExpertWeights& w, const Activation& act,
                      const TensorView& static_act_scale)
-      : CudaExpertsBase("cuda-grouped-gemm", w, act, static_act_scale),
-        gemm1_(grouped_gemm_for(weights_.elem, false)),
-        gemm2_(grouped_gemm_for(weights_.elem, true)) {}
+      : CudaExpertsBase("cuda-grouped-gemm", w, act, static_act_scale) {}
 
   std::string_view name() const override { return name_; }
   TopKWeightApplied weight_application() const override {
@@ -41,8 +39,7 @@ class GroupedGemmExperts final : public CudaExpertsBase {
     const cudaStream_t stream = stream_of(ctx.stream);
     const int64_t M = b.a1.size(0), k = b.topk_ids.size(1), R = M * k;
     const int G = static_cast<int>(info_.num_local_experts);
-    const int64_t H = info_.hidden, I = info_.intermediate;
-    const int64_t rows13 = info_.activation.w13_rows(I);
+    const int64_t H = info_.hidden;
     if (G == 0 || M == 0) {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream));
       return;
@@ -54,37 +51,20 @@ class GroupedGemmExperts final : public CudaExpertsBase {
                    b.a1.data, b.a1.stride[0] * elem_bytes(), H * elem_bytes(), a1s, buf.counts,
                    buf.offsets, buf.cursor, buf.pair_pos, buf.activations,
                    per_token ? buf.a1_scale : nullptr, stream);
-    GroupedGemmArgs g1{.num_groups = G,
-                       .n = rows13,
-                       .k = H,
-                       .counts = buf.counts,
-                       .offsets = buf.offsets,
-                       .a = buf.activations,
-                       .b = weights_.w13,
-                       .b_group_stride = weights_.w13_expert_stride,
-                       .b_row_stride = weights_.w13_row_stride,
-                       .b_index = weights_.index,
-                       .d = buf.results,
-                       .a_scale = per_token ? RowScale{buf.a1_scale, 1} : a1s,
-                       .b_scale = weights_.s13};
-    gemm1_.run(g1, buf.gemm, buf.gemm_bytes, stream);
-    // a2 overwrites a_sorted, which GEMM1 has consumed (same stream).
-    grouped_activation(weights_, buf.results, buf.counts, buf.offsets, R, buf.activations,
-                       buf.a2_scale, buf.amax, stream);
-    GroupedGemmArgs g2{.num_groups = G,
-                       .n = H,
-                       .k = I,
-                       .counts = buf.counts,
-                       .offsets = buf.offsets,
-                       .a = buf.activations,
-                       .b = weights_.w2,
-                       .b_group_stride = weights_.w2_expert_stride,
-                       .b_row_stride = weights_.w2_row_stride,
-                       .b_index = weights_.index,
-                       .d = buf.results,
-                       .a_scale = {buf.a2_scale, weights_.a2_scale == ScaleKind::kToken ? 1 : 0},
-                       .b_scale = weights_.s2};
-    gemm2_.run(g2, buf.gemm, buf.gemm_bytes, stream);
+    // a2 overwrites a_sorted and c2 c1, each consumed before (same stream).
+    run_expert_gemms(weights_, G, R,
+                     {.counts = buf.counts,
+                      .offsets = buf.offsets,
+                      .a = buf.activations,
+                      .a_scale = per_token ? RowScale{buf.a1_scale, 1} : a1s,
+                      .c1 = buf.results,
+                      .a2 = buf.activations,
+                      .a2_scale = buf.a2_scale,
+                      .amax = buf.amax,
+                      .d = static_cast<float*>(buf.results),
+                      .gemm = buf.gemm,
+                      .gemm_bytes = buf.gemm_bytes},
+                     stream);
     unpermute_weight_reduce(weights_, static_cast<const float*>(buf.results), buf.pair_pos,
                             b.topk_ids.ptr<int32_t>(), b.topk_ids.stride[0],
                             b.topk_weights.ptr<float>(), b.topk_weights.stride[0], M,
@@ -117,7 +97,7 @@ class GroupedGemmExperts final : public CudaExpertsBase {
     Layout l{{size_t(G * 4), size_t(G * 4), size_t(G * 4), size_t(R * 4),
               size_t(R * std::max(H, I) * elem_bytes()), size_t(R * std::max(rows13 * 2, H * 4)),
               size_t(scaled * R * 4), size_t(scaled * R * 4), size_t(scaled * 4),
-              std::max(gemm1_.workspace(int(G)), gemm2_.workspace(int(G)))}};
+              expert_gemms_workspace(weights_.elem, int(G))}};
     for (size_t s : l.sizes) l.bytes += Workspace::aligned(s);
     return l;
   }
@@ -137,9 +117,6 @@ class GroupedGemmExperts final : public CudaExpertsBase {
     b.gemm = ws.take_bytes(b.gemm_bytes);
     return b;
   }
-
-  const GroupedGemm& gemm1_;
-  const GroupedGemm& gemm2_;
 };
 
 }  // namespace
@@ -158,6 +135,45 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
     default:
       MOEKIT_FAIL("grouped GEMM: no configuration for ", name(ab), " operands");
   }
+}
+
+size_t expert_gemms_workspace(DType ab, int num_groups) {
+  return std::max(grouped_gemm_for(ab, false).workspace(num_groups),
+                  grouped_gemm_for(ab, true).workspace(num_groups));
+}
+
+void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, const ExpertGemms& g,
+                      cudaStream_t stream) {
+  const int64_t H = w.hidden, I = w.intermediate;
+  const GroupedGemmArgs g1{.num_groups = num_groups,
+                           .n = w.activation.w13_rows(I),
+                           .k = H,
+                           .counts = g.counts,
+                           .offsets = g.offsets,
+                           .a = g.a,
+                           .b = w.w13,
+                           .b_group_stride = w.w13_expert_stride,
+                           .b_row_stride = w.w13_row_stride,
+                           .b_index = w.index,
+                           .d = g.c1,
+                           .a_scale = g.a_scale,
+                           .b_scale = w.s13};
+  grouped_gemm_for(w.elem, false).run(g1, g.gemm, g.gemm_bytes, stream);
+  grouped_activation(w, g.c1, g.counts, g.offsets, rows, g.a2, g.a2_scale, g.amax, stream);
+  const GroupedGemmArgs g2{.num_groups = num_groups,
+                           .n = H,
+                           .k = I,
+                           .counts = g.counts,
+                           .offsets = g.offsets,
+                           .a = g.a2,
+                           .b = w.w2,
+                           .b_group_stride = w.w2_expert_stride,
+                           .b_row_stride = w.w2_row_stride,
+                           .b_index = w.index,
+                           .d = g.d,
+                           .a_scale = {g.a2_scale, w.a2_scale == ScaleKind::kToken ? 1 : 0},
+                           .b_scale = w.s2};
+  grouped_gemm_for(w.elem, true).run(g2, g.gemm, g.gemm_bytes, stream);
 }
 
 }  // namespace moekit::cuda
