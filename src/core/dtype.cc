@@ -87,7 +87,7 @@ float load_as_float(const void* p, DType t, int64_t i) {
     case DType::kF4E2M1: return decode(MiniFloat::kE2M1, uint8_t(unpack_uint4(b[i / 2], int(i % 2))));
     case DType::kCount: break;
   }
-  MOEKIT_FAIL("load_as_float: dtype ", name(t), " has no value");
+  MOEKIT_FAIL("load_as_float: invalid dtype ", static_cast<int>(t));  // every dtype is handled
 }
 
 void store_from_float(void* p, DType t, int64_t i, float v) {
