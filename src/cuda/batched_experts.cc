@@ -147,8 +147,8 @@ class BatchedExperts final : public CudaExpertsBase {
 
   // ---- grouped-GEMM path ----
 
-  // Workspace over R rows: counts, offsets [E_local] int32; c1 [R, w13_rows] (2-byte elements:
-  // T, or bf16 for e4m3); a2 [R, I] T; e4m3 only: a2_scale [R] (or [1]) and the amax of a
+  // Workspace over R rows: counts, offsets [E_local] int32; c1 [R, w13_rows] (gemm1_out: T, or
+  // fp32 for e4m3); a2 [R, I] T; e4m3 only: a2_scale [R] (or [1]) and the amax of a
   // dynamic per-tensor a2 scale; the GEMMs' argument arrays.
   struct GroupedBuffers {
     int32_t *counts, *offsets;
@@ -164,7 +164,7 @@ class BatchedExperts final : public CudaExpertsBase {
     const size_t scaled = quantized() ? 1 : 0;
     return {size_t(G * 4),
             size_t(G * 4),
-            size_t(R * rows13 * 2),
+            size_t(R * rows13 * gemm1_out_bytes(weights_.elem)),
             size_t(R * I * elem_bytes()),
             scaled * R * 4,
             scaled * 4,

@@ -4,7 +4,7 @@
 // with R = M * k rows reserved (only the valid pairs' rows are used) and per-expert sizes kept
 // on the device. T is bf16 or fp16 (c1 in T), or e4m3: then both GEMMs dequantize in their
 // epilogue (the per-tensor activation scale, the per-sorted-row activation scale and the weight's
-// per-channel scale, grouped_gemm_sm90.cuh), c1 is bf16 and the activation requantizes a2 as
+// per-channel scale, grouped_gemm_sm90.cuh), c1 is fp32 and the activation requantizes a2 as
 // intermediate_spec (reference.h) says: per sorted row for both fp8 formats (a per-tensor kind
 // would take a dynamic scale over all sorted rows, reduced on the device). Weights applied here
 // (kWeightedAndReduced): the unpermute reads each of a token's rows once and finalize only
@@ -73,7 +73,7 @@ class GroupedGemmExperts final : public CudaExpertsBase {
 
  private:
   // Workspace of one apply() over R = M * k rows. `activations` holds a_sorted [R, H] T and
-  // later a2 [R, I] T; `results` holds c1 [R, w13_rows] (2-byte elements) and later c2 [R, H]
+  // later a2 [R, I] T; `results` holds c1 [R, w13_rows] (gemm1_out) and later c2 [R, H]
   // fp32. e4m3 only: a1_scale [R] (per-token a1 scales in sorted order), a2_scale [R] (or [1])
   // and the amax of a dynamic per-tensor a2 scale.
   struct Buffers {
@@ -95,7 +95,8 @@ class GroupedGemmExperts final : public CudaExpertsBase {
     const int64_t rows13 = info_.activation.w13_rows(I);
     const int scaled = quantized() ? 1 : 0;
     Layout l{{size_t(G * 4), size_t(G * 4), size_t(G * 4), size_t(R * 4),
-              size_t(R * std::max(H, I) * elem_bytes()), size_t(R * std::max(rows13 * 2, H * 4)),
+              size_t(R * std::max(H, I) * elem_bytes()),
+              size_t(R * std::max(rows13 * gemm1_out_bytes(weights_.elem), H * 4)),
               size_t(scaled * R * 4), size_t(scaled * R * 4), size_t(scaled * 4),
               expert_gemms_workspace(weights_.elem, int(G))}};
     for (size_t s : l.sizes) l.bytes += Workspace::aligned(s);
@@ -131,14 +132,17 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
     case DType::kF16:
       return out_f32 ? kGroupedGemmF16OutF32 : kGroupedGemmF16OutF16;
     case DType::kF8E4M3:
-      return out_f32 ? kGroupedGemmE4m3OutF32 : kGroupedGemmE4m3OutBf16;
+      if (out_f32) return kGroupedGemmE4m3OutF32;
+      break;
     default:
-      MOEKIT_FAIL("grouped GEMM: no configuration for ", name(ab), " operands");
+      break;
   }
+  MOEKIT_FAIL("grouped GEMM: no configuration for ", name(ab), " operands with ",
+              out_f32 ? "fp32" : name(ab), " output");
 }
 
 size_t expert_gemms_workspace(DType ab, int num_groups) {
-  return std::max(grouped_gemm_for(ab, false).workspace(num_groups),
+  return std::max(grouped_gemm1_for(ab).workspace(num_groups),
                   grouped_gemm_for(ab, true).workspace(num_groups));
 }
 
@@ -158,7 +162,7 @@ void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, cons
                            .d = g.c1,
                            .a_scale = g.a_scale,
                            .b_scale = w.s13};
-  grouped_gemm_for(w.elem, false).run(g1, g.gemm, g.gemm_bytes, stream);
+  grouped_gemm1_for(w.elem).run(g1, g.gemm, g.gemm_bytes, stream);
   grouped_activation(w, g.c1, g.counts, g.offsets, rows, g.a2, g.a2_scale, g.amax, stream);
   const GroupedGemmArgs g2{.num_groups = num_groups,
                            .n = H,

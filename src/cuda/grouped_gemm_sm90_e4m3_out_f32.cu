@@ -1,5 +1,5 @@
 // Grouped GEMM, e4m3 x e4m3 -> fp32, dequantized in the epilogue
-// (GEMM2 of the fp8 experts: [rows, I] . W2^T).
+// (both GEMMs of the fp8 experts: [rows, H] . W13^T and [rows, I] . W2^T).
 // Tile 128x256x128, cooperative (two consumer warpgroups), cluster 1x1x1.
 #include "cuda/grouped_gemm_sm90.cuh"
 

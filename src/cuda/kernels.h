@@ -145,7 +145,7 @@ void sort_by_expert(const int32_t* ids, int64_t ids_stride, int64_t M, int k, in
 
 // The activation between the GEMMs on the sorted rows r < rows_bound that belong to an expert
 // (offsets/counts; the rest are left alone): v[r, j] = act(c1[r, gate j] + b13, c1[r, up j] +
-// b13) with c1: [rows, w13_rows] (elem for float formats, bf16 already scaled for e4m3). Float
+// b13) with c1: [rows, w13_rows] (elem for float formats, fp32 already scaled for e4m3). Float
 // formats: out [rows, I] elem. e4m3: out [rows, I] codes requantized as w.a2_scale says, with
 // out_scale [rows] (kToken) or [1] (kTensor: a dynamic scale over every sorted row, amax [1]
 // scratch).

@@ -187,13 +187,12 @@ void grouped_activation(const DeviceWeights& w, const void* c1, const int32_t* c
           w, static_cast<const T*>(c1), counts, offsets, static_cast<T*>(out), Fp8Rows{});
       MOEKIT_CUDA_CHECK_LAUNCH();
     } else {
-      // GEMM1 wrote bf16 (the scales applied in its epilogue); a2 is requantized here.
+      // GEMM1 wrote fp32 (the scales applied in its epilogue); a2 is requantized here.
       const Fp8Rows q{
           .q = static_cast<uint8_t*>(out), .kind = w.a2_scale, .scale = out_scale, .amax = amax};
       launch_quantized(q, stream, [&](auto mode) {
-        activation_kernel<__nv_bfloat16, uint8_t, decltype(mode)::value>
-            <<<blocks, kThreads, 0, stream>>>(w, static_cast<const __nv_bfloat16*>(c1), counts,
-                                              offsets, nullptr, q);
+        activation_kernel<float, uint8_t, decltype(mode)::value><<<blocks, kThreads, 0, stream>>>(
+            w, static_cast<const float*>(c1), counts, offsets, nullptr, q);
         MOEKIT_CUDA_CHECK_LAUNCH();
       });
     }
