@@ -113,33 +113,21 @@ inline constexpr int64_t kSmallBatchMaxPairs = 4096;
 //   float formats: h [P, I] elem;
 //   e4m3: h [P, I] fp32, requantized into h8 [P, I] with h_scale (kToken [P], kTensor [1]) and
 //   amax [1] scratch.
-// sync: [2] uint32 owned by the experts, zero between launches (the streamed kernel
-// counts finished tiles there and sets them back to zero at its end); null: not streamed.
 struct SmallBatchBuffers {
   void* h = nullptr;
   uint8_t* h8 = nullptr;
   float* h_scale = nullptr;
   uint32_t* amax = nullptr;
-  uint32_t* sync = nullptr;
 };
 
 // fused_out[t, s, :] = W2[e] . act(W13[e] . a1[t] + b13[e]) + b2[e] for e = ids[t, s] >= 0, and
 // zeros for ids -1 (and ids >= E_local); weights and activations dequantized with their scales.
 // a1: [M, H] elem (row stride a1_stride) with a1_scale; ids: [M, k] (row stride ids_stride);
-// fused_out: [M, k, H] fp32 contiguous. Runs small_batch_streamed when it takes the call, else
-// two launches of per-warp streaming (small_batch.cu).
+// fused_out: [M, k, H] fp32 contiguous.
 void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stride,
                          RowScale a1_scale, const int32_t* ids, int64_t ids_stride, int64_t M,
                          int k, const SmallBatchBuffers& buf, float* fused_out,
                          cudaStream_t stream);
-
-// The same in one launch with the weights streamed through shared memory by bulk copies
-// (small_batch_stream.cu), for 16-bit elements whose rows and strides are 16-byte multiples
-// (16-byte aligned a1 rows and weights), and a sync buffer (SmallBatchBuffers::sync). h: [M * k,
-// I] elem scratch. Returns false, having enqueued nothing, when it does not take the call.
-bool small_batch_streamed(const DeviceWeights& w, const void* a1, int64_t a1_stride,
-                          const int32_t* ids, int64_t ids_stride, int64_t M, int k, void* h,
-                          float* fused_out, uint32_t* sync, cudaStream_t stream);
 
 // ---- grouped-GEMM experts: sorting by expert and the element-wise stages --------------------
 

@@ -13,8 +13,6 @@
 // through the items (active expert, rows); no sort or host round trip precedes the launches.
 // Both launches are chained (programmatic dependent launch, device.cuh): gemm2 is scheduled as
 // gemm1's blocks retire and lists its experts before waiting for h.
-// 16-bit weights go through one launch instead when small_batch_streamed takes them
-// (small_batch_stream.cu); these kernels serve e4m3 and the shapes it refuses.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
@@ -22,15 +20,76 @@
 #include "cuda/check.h"
 #include "cuda/device.cuh"
 #include "cuda/kernels.h"
-#include "cuda/small_batch.cuh"
 
 namespace moekit::cuda {
 namespace {
 
-using namespace small_batch;
-
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarp;
+constexpr int kTokens = 4;                    // tokens per pass over an item's rows
+constexpr int kMaxLocalExperts = kWarp * 32;  // the active-expert bitmap is one warp's words
+
+// What every block computes once: the ids (as local experts, -1 when not computed here) and
+// the active experts in ascending order, in shared memory.
+struct Shared {
+  uint32_t bits[kWarp];
+  int32_t active[kMaxLocalExperts];
+  int num_active;
+};
+
+__device__ void load_routing(const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs,
+                             int k, int num_local, int32_t* ids_s, Shared& sh) {
+  const int tid = threadIdx.x;
+  if (tid < kWarp) sh.bits[tid] = 0;
+  __syncthreads();
+  for (int p = tid; p < num_pairs; p += kThreads) {
+    int32_t e = ids[(p / k) * ids_stride + p % k];
+    e = e >= 0 && e < num_local ? e : -1;
+    ids_s[p] = e;
+    if (e >= 0) atomicOr(&sh.bits[e / 32], 1u << (e % 32));
+  }
+  __syncthreads();
+  if (tid < kWarp) {
+    // Exclusive prefix of active experts per 32-id word, then each lane lists its word's ids.
+    uint32_t word = sh.bits[tid];
+    const int n = __popc(word);
+    int incl = n;
+#pragma unroll
+    for (int o = 1; o < kWarp; o *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (tid >= o) incl += v;
+    }
+    for (int i = incl - n; word; word &= word - 1) sh.active[i++] = tid * 32 + __ffs(word) - 1;
+    if (tid == kWarp - 1) sh.num_active = incl;
+  }
+  __syncthreads();
+}
+
+// The next up to kTokens pairs routed to expert e at or after `pos` (in pair order); lane t <
+// count gets pair t in `mine`. Whole warp; returns count (warp-uniform). The pairs stay in
+// registers (other lanes read them with __shfl_sync): a per-warp list in shared memory, written
+// and read by different lanes, is what racecheck reported in v3.
+__device__ int next_pairs(const int32_t* ids_s, int num_pairs, int e, int& pos, int& mine) {
+  const int lane = threadIdx.x % kWarp;
+  int count = 0;
+  while (count < kTokens && pos < num_pairs) {
+    const int p = pos + lane;
+    uint32_t m = __ballot_sync(0xffffffffu, p < num_pairs && ids_s[p] == e);
+    // Lane count + i takes the i-th match; the walk over m's set bits is warp-uniform.
+    const int take = min(__popc(m), kTokens - count);
+    for (int i = 0; i < take; ++i, m &= m - 1)
+      if (lane == count + i) mine = pos + __ffs(m) - 1;
+    count += take;
+    pos = m && count == kTokens ? pos + __ffs(m) - 1 : pos + kWarp;  // resume at a match not taken
+  }
+  return count;
+}
+
+// Pair t of the warp's current pass (0 past nt, so that rows stay in bounds), on every lane.
+__device__ __forceinline__ int pair_of(int mine, int t, int nt) {
+  const int p = __shfl_sync(0xffffffffu, mine, t);
+  return t < nt ? p : 0;
+}
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
 // summed over the warp. Tokens t >= nt are skipped.
@@ -73,6 +132,22 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r][t] = warp_sum(acc[r][t]);
   }
+}
+
+__device__ __forceinline__ int64_t expert_index(const DeviceWeights& w, int e) {
+  return w.index ? w.index[e] : e;
+}
+
+__device__ __forceinline__ float bias_at(const float* b, int64_t i) {
+  return b ? b[i] : 0.0f;
+}
+
+// Weight row scales (fp32 per row, null: float weights) and activation row scales.
+__device__ __forceinline__ float scale_at(const float* s, int64_t i) {
+  return s ? s[i] : 1.0f;
+}
+__device__ __forceinline__ float scale_at(RowScale s, int64_t row) {
+  return s.scale ? s.scale[row * s.stride] : 1.0f;
 }
 
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
@@ -200,6 +275,27 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// Blocks that fill the GPU once (persistent), from the occupancy of `kernel`.
+template <typename Kernel>
+unsigned persistent_blocks(Kernel kernel, size_t smem) {
+  int dev = 0, sms = 0, per_sm = 0;
+  MOEKIT_CUDA_CHECK(cudaGetDevice(&dev));
+  MOEKIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  MOEKIT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  return static_cast<unsigned>(std::max(1, sms * per_sm));
+}
+
+// Token chunks of at most kSmallBatchMaxPairs pairs (the ids of a chunk live in shared memory):
+// f(first token, pairs, shared memory bytes) per chunk.
+template <typename F>
+void for_each_chunk(int64_t M, int k, F&& f) {
+  const int64_t chunk = std::max<int64_t>(1, kSmallBatchMaxPairs / k);
+  for (int64_t t0 = 0; t0 < M; t0 += chunk) {
+    const int pairs = static_cast<int>(std::min(chunk, M - t0) * k);
+    f(t0, pairs, pairs * sizeof(int32_t));
+  }
+}
+
 RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
@@ -214,7 +310,7 @@ void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, Row
   // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
   // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2.
   auto launch = [&](auto kernel, size_t smem, auto&&... args) {
-    launch_chained(kernel, persistent_blocks(kernel, kThreads, smem), kThreads, smem, stream, args...);
+    launch_chained(kernel, persistent_blocks(kernel, smem), kThreads, smem, stream, args...);
   };
   for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
     launch(gemm1_kernel<T, OutH>, smem, w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0),
@@ -235,9 +331,7 @@ void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stri
                          cudaStream_t stream) {
   MOEKIT_CHECK(w.num_local <= kMaxLocalExperts, "small-batch experts: E_local ", w.num_local, " > ",
                kMaxLocalExperts);
-  if (M == 0 || small_batch_streamed(w, a1, a1_stride, ids, ids_stride, M, k, buf.h, fused_out,
-                                     buf.sync, stream))
-    return;
+  if (M == 0) return;
   with_compute_type(w.elem, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(a1);

@@ -14,14 +14,11 @@ class SmallBatchExperts final : public CudaExpertsBase {
  public:
   SmallBatchExperts(const ExpertWeights& w, const Activation& act, TopKWeightApplied applied,
                     const TensorView& static_act_scale)
-      : CudaExpertsBase("cuda-small-batch", w, act, static_act_scale),
-        applied_(applied),
-        sync_(DType::kI32, {2}) {
+      : CudaExpertsBase("cuda-small-batch", w, act, static_act_scale), applied_(applied) {
     MOEKIT_CHECK(info_.num_local_experts <= kMaxLocalExperts, name_, ": ", info_.num_local_experts,
                  " local experts, at most ", kMaxLocalExperts);
     MOEKIT_CHECK(applied != TopKWeightApplied::kWeighted, name_,
                  ": weight application must be none or weighted_and_reduced");
-    MOEKIT_CUDA_CHECK(cudaMemset(sync_.data<void>(), 0, size_t(sync_.view().nbytes())));
   }
 
   std::string_view name() const override { return name_; }
@@ -43,8 +40,7 @@ class SmallBatchExperts final : public CudaExpertsBase {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), stream));
       return;
     }
-    SmallBatchBuffers buf = take_intermediate(ws, M * k);
-    buf.sync = static_cast<uint32_t*>(sync_.data<void>());
+    const SmallBatchBuffers buf = take_intermediate(ws, M * k);
     const TensorView rows =
         reduces() ? ws.take(DType::kF32, {M, k, info_.hidden}) : out;  // [M, k, H]
     small_batch_experts(weights_, b.a1.data, b.a1.stride[0], a1_scale(b), b.topk_ids.ptr<int32_t>(),
@@ -82,9 +78,6 @@ class SmallBatchExperts final : public CudaExpertsBase {
     return b;
   }
   TopKWeightApplied applied_;
-  // The streamed kernel's tile counters (kernels.h, SmallBatchBuffers::sync): zero between
-  // forwards, so this object serves one forward at a time.
-  CudaTensor sync_;
 };
 
 }  // namespace
