@@ -30,8 +30,9 @@ if [[ $what == test || $what == all ]]; then
   done
 fi
 if [[ $what == sanitize ]]; then
-  # memcheck over every GPU test; racecheck over the router, the layer, and of the experts every
-  # small-batch case plus M = 1 and 19 of all kinds (its whole suite takes too long).
+  # memcheck over every GPU test; racecheck over the router, the layer, of the experts every
+  # small-batch case plus M = 1 and 19 of all kinds, of the batched experts the N = 5 cases and
+  # the edge tests (whole suites take too long; the contract suite runs the same kernels).
   for t in "${tests[@]}"; do
     compute-sanitizer --tool memcheck --error-exitcode 9 $build/tests/$t --gtest_brief=1 2>&1 |
       tee "$out/memcheck_$t.log" | tail -2
@@ -44,6 +45,9 @@ if [[ $what == sanitize ]]; then
     $build/tests/test_cuda_experts --gtest_brief=1 \
     --gtest_filter='Sweep/*_M1_*:Sweep/*_M19_*:Sweep/*small_batch*:CudaExperts.*:CudaPrepare.*:Placements/*M19' \
     2>&1 | tee "$out/racecheck_test_cuda_experts.log" | tail -2
+  compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
+    $build/tests/test_cuda_batched --gtest_brief=1 --gtest_filter='Sweep/*_N5_*:CudaBatched.*' \
+    2>&1 | tee "$out/racecheck_test_cuda_batched.log" | tail -2
 fi
 if [[ $what == bench || $what == all ]]; then
   $build/tools/moekit bench --device cuda --json "$out/cuda_bench.json" "$@" 2>&1 |

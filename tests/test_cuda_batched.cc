@@ -55,18 +55,8 @@ struct Layer {
         H(hidden),
         I(intermediate),
         host(check::make_random_weights(num_experts, H, I, act, format, bias,
-                                        check::mix_seed(seed, 1))) {
-    const ExpertWeights w = host.view();
-    w13 = CudaTensor::copy_of(w.w13);
-    w2 = CudaTensor::copy_of(w.w2);
-    if (bias) {
-      b13 = CudaTensor::copy_of(w.b13);
-      b2 = CudaTensor::copy_of(w.b2);
-    }
-    if (w.quant) {
-      s13 = CudaTensor::copy_of(w.s13.scale);
-      s2 = CudaTensor::copy_of(w.s2.scale);
-    }
+                                        check::mix_seed(seed, 1))),
+        device_weights(host.view()) {
     if (format.static_act) {
       host_static = Tensor(DType::kF32, {1});
       host_static.data<float>()[0] = kStaticScale;
@@ -82,25 +72,17 @@ struct Layer {
     if (s.scale == ScaleKind::kNone) s.dtype = x_dtype();
     return s;
   }
-  ExpertWeights device_global() const {
-    ExpertWeights w{w13, w2, b13.view(), b2.view(), std::nullopt};
-    if (quantized()) {
-      w.quant = format;
-      w.s13.scale = s13;
-      w.s2.scale = s2;
-    }
-    return w;
-  }
   std::shared_ptr<Experts> experts(const ExpertMap& map, int rank, int64_t max_small_rows) const {
-    return make_cuda_batched_experts(ExpertWeights::local_view(device_global(), map, rank), act,
-                                     max_small_rows, static_scale.view());
+    return make_cuda_batched_experts(ExpertWeights::local_view(device_weights.view(), map, rank),
+                                     act, max_small_rows, static_scale.view());
   }
 
   QuantScheme format;
   Activation act;
   int64_t H, I;
   check::LayerWeights host;
-  CudaTensor w13, w2, b13, b2, s13, s2, static_scale;
+  DeviceExpertWeights device_weights;  // host's weights, global [E, ...]
+  CudaTensor static_scale;
   Tensor host_static;
 };
 
@@ -477,7 +459,7 @@ TEST(CudaBatched, RefusesWhatItCannotCompute) {
   EXPECT_TRUE(test::error_mentions([&] { odd.experts(map, 0, -1); }, "multiples of 8"));
   const Layer fp8_static = case_layer("fp8-tensor:static", false, false, 53);
   EXPECT_TRUE(test::error_mentions(
-      [&] { make_cuda_batched_experts(fp8_static.device_global(), kSilu, -1, {}); },
+      [&] { make_cuda_batched_experts(fp8_static.device_weights.view(), kSilu, -1, {}); },
       "static activation scale"));
   EXPECT_TRUE(test::error_mentions(
       [&] { make_cuda_batched_experts(fp8_static.host.view(), kSilu); }, "CUDA"));

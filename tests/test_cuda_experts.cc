@@ -54,19 +54,10 @@ test::TestLayer make_layer(test::LayerSpec spec, const FormatSpec& format) {
 struct DeviceLayer {
   explicit DeviceLayer(const test::TestLayer& l)
       : format(l.weights.view().scheme()),
-        w13(CudaTensor::copy_of(l.weights.view().w13)),
-        w2(CudaTensor::copy_of(l.weights.view().w2)),
+        device_weights(l.weights.view()),
         x(CudaTensor::copy_of(l.x)),
         ids(CudaTensor::copy_of(l.routing.topk_ids)),
         weights(CudaTensor::copy_of(l.routing.topk_weights)) {
-    if (l.weights.quantized) {
-      s13 = CudaTensor::copy_of(l.weights.quantized->w13.scale);
-      s2 = CudaTensor::copy_of(l.weights.quantized->w2.scale);
-    }
-    if (l.spec.bias) {
-      b13 = CudaTensor::copy_of(l.weights.b13);
-      b2 = CudaTensor::copy_of(l.weights.b2);
-    }
     if (format.static_act) {
       host_static_scale = Tensor(DType::kF32, {1});
       host_static_scale.data<float>()[0] =
@@ -74,20 +65,12 @@ struct DeviceLayer {
       static_scale = CudaTensor::copy_of(host_static_scale);
     }
   }
-  bool quantized() const { return !format.is_float(); }
-  ExpertWeights global() const {
-    ExpertWeights w{w13, w2, b13.view(), b2.view(), std::nullopt};
-    if (quantized()) {
-      w.quant = format;
-      w.s13.scale = s13;
-      w.s2.scale = s2;
-    }
-    return w;
-  }
+  const ExpertWeights& global() const { return device_weights.view(); }
 
   QuantScheme format;
   Tensor host_static_scale;
-  CudaTensor w13, w2, b13, b2, s13, s2, x, ids, weights, static_scale;
+  DeviceExpertWeights device_weights;
+  CudaTensor x, ids, weights, static_scale;
 };
 
 // The oracle of the layer l (x and routing, and its host weights unless `weights` are given):

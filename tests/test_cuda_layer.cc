@@ -65,11 +65,8 @@ TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
   const ExpertWeights shared_view = shared.view();
   auto cpu_layer = make_cpu_layer(config, host.view(), &shared_view, bias, cpu);
 
-  const CudaTensor w13 = CudaTensor::copy_of(host.w13), w2 = CudaTensor::copy_of(host.w2);
-  const CudaTensor s13 = CudaTensor::copy_of(shared.w13), s2 = CudaTensor::copy_of(shared.w2);
-  const ExpertWeights routed{.w13 = w13, .w2 = w2};
-  const ExpertWeights shared_dev{.w13 = s13, .w2 = s2};
-  auto gpu_layer = make_cuda_layer(config, routed, &shared_dev, bias);
+  const DeviceExpertWeights routed(host.view()), shared_dev(shared_view);
+  auto gpu_layer = make_cuda_layer(config, routed.view(), &shared_dev.view(), bias);
 
   const CudaTensor x(DType::kBF16, {kM, kH}), logits(DType::kF32, {kM, kE}),
       y(DType::kBF16, {kM, kH});

@@ -236,7 +236,8 @@ void print_machine(std::ostream& os, const BenchMachine& m) {
      << " GB/s, peak bf16 " << c.peak_gflops_bf16 << " GFLOP/s, fp32 " << c.peak_gflops_fp32
      << " GFLOP/s, int8 " << c.peak_gops_int8 << " GOP/s, fp8 " << c.peak_gflops_fp8
      << " GFLOP/s (measured in " << std::setprecision(2) << c.measure_seconds << " s); cache flush "
-     << (m.flush_bytes >> 20) << " MiB between reps\n"
+     << (m.flush_bytes >> 20) << " MiB between reps"
+     << (m.flush_method.empty() ? "" : " (" + m.flush_method + ")") << "\n"
      << std::defaultfloat;
 }
 
@@ -321,6 +322,7 @@ void BenchJsonFile::set_machine(const BenchMachine& m) {
       {"ceilings_measure_s", c.measure_seconds},
       {"compiler", kCompiler},
   };
+  if (!m.flush_method.empty()) doc_["machine"]["l2_flush"] = m.flush_method;
   write();
 }
 

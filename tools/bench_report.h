@@ -79,6 +79,7 @@ struct BenchMachine {
   CpuIsa isa = CpuIsa::kScalar;
   MachineCeilings ceilings;  // with EP: rank 0's, measured alone
   int64_t last_level_cache_bytes = 0, flush_bytes = 0;
+  std::string flush_method;  // GPU: how L2 is flushed between reps (empty on the CPU)
 };
 
 // The EP setting of a sweep, and each rank's ceilings measured while the ranks of each step

@@ -10,6 +10,7 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "moekit/modular.h"
 
@@ -48,6 +49,22 @@ class CudaTensor {
   };
   std::unique_ptr<void, Free> storage_;
   TensorView view_;
+};
+
+// Device copies of host expert weights: every present view of `host` (w13, w2, b13, b2, and the
+// scale, zero and global of s13 and s2; each contiguous) copied to device `device` (-1: the
+// current one) and owned here; absent views stay absent, `source` and `quant` are kept. view() is
+// `host` with its views on the device, valid for this object's lifetime (moving it keeps the
+// device memory in place). Copies synchronously, at set-up.
+class DeviceExpertWeights {
+ public:
+  DeviceExpertWeights() = default;
+  explicit DeviceExpertWeights(const ExpertWeights& host, int device = -1);
+  const ExpertWeights& view() const { return view_; }
+
+ private:
+  std::vector<CudaTensor> copies_;
+  ExpertWeights view_;
 };
 
 // The workspace allocator of a ModularKernel whose tensors live on CUDA device `device` (-1: the

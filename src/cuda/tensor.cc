@@ -73,6 +73,13 @@ Tensor CudaTensor::to_host() const {
   return h;
 }
 
+DeviceExpertWeights::DeviceExpertWeights(const ExpertWeights& host, int device) : view_(host) {
+  for (TensorView* t :
+       {&view_.w13, &view_.w2, &view_.b13, &view_.b2, &view_.s13.scale, &view_.s13.zero,
+        &view_.s13.global, &view_.s2.scale, &view_.s2.zero, &view_.s2.global})
+    if (t->present()) *t = copies_.emplace_back(CudaTensor::copy_of(*t, device)).view();
+}
+
 WorkspaceAllocator cuda_workspace_allocator(int device) {
   if (device < 0) MOEKIT_CUDA_CHECK(cudaGetDevice(&device));
   return [device](size_t bytes) {

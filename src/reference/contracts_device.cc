@@ -53,14 +53,9 @@ constexpr int64_t kCudaFallbackSmallTokens = 8;
 // forward runs on the legacy default stream, which they wait for.
 class CudaDevice final : public CaseDevice {
  public:
-  explicit CudaDevice(const LayerWeights& w) : weights_(w.view()) {
-    for (TensorView* t : {&weights_.w13, &weights_.w2, &weights_.b13, &weights_.b2,
-                          &weights_.s13.scale, &weights_.s13.zero, &weights_.s13.global,
-                          &weights_.s2.scale, &weights_.s2.zero, &weights_.s2.global})
-      if (t->present()) *t = copies_.emplace_back(CudaTensor::copy_of(*t)).view();
-    device_ = weights_.w13.device.id;
-  }
-  const ExpertWeights& weights() const override { return weights_; }
+  explicit CudaDevice(const LayerWeights& w)
+      : weights_(w.view()), device_(weights_.view().w13.device.id) {}
+  const ExpertWeights& weights() const override { return weights_.view(); }
   std::shared_ptr<WeightAndReduce> weight_and_reduce() const override {
     return make_cuda_weight_and_reduce();
   }
@@ -80,8 +75,7 @@ class CudaDevice final : public CaseDevice {
   }
 
  private:
-  std::vector<CudaTensor> copies_;  // moving a CudaTensor keeps its device memory in place
-  ExpertWeights weights_;
+  DeviceExpertWeights weights_;
   int device_ = 0;
 };
 
