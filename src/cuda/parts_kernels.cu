@@ -56,14 +56,21 @@ __global__ void convert_rows_kernel(const T* __restrict__ x, int64_t x_stride, i
 constexpr int kCols = 4;
 constexpr int kSlotBatch = 8;
 
+__host__ __device__ constexpr int padded_slots(int k) {
+  return (k + kSlotBatch - 1) / kSlotBatch * kSlotBatch;
+}
+
 template <typename T>
 __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k, int64_t H,
                                          bool reduced, const int32_t* __restrict__ ids,
                                          int64_t ids_stride, const float* __restrict__ weights,
                                          int64_t weights_stride, bool apply_weights,
                                          T* __restrict__ y, int64_t y_stride) {
-  extern __shared__ float slot_weight[];  // [k]; NaN marks a skipped slot
-  grid_dependency_wait();                 // fused comes from the kernel just before
+  // [k rounded up to kSlotBatch]; NaN marks a skipped slot (and the padding). The padding keeps
+  // the unrolled batch's reads in bounds: the compiler reads slot_weight[s0 .. s0 + 7] as wide
+  // shared loads before the per-slot exits (memcheck: 16-byte reads past [k]).
+  extern __shared__ float slot_weight[];
+  grid_dependency_wait();  // fused comes from the kernel just before
   launch_dependents();
   const int64_t t = blockIdx.x;
   const int64_t h0 = (blockIdx.y * int64_t(blockDim.x) + threadIdx.x) * kCols;
@@ -76,14 +83,13 @@ __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k,
     for (int i = 0; i < kSlotBatch; ++i) {
       const float* row = fused + (reduced ? t : t * k + s0 + i) * H;
 #pragma unroll
-      for (int c = 0; c < kCols; ++c)
-        v[i][c] = s0 + i < slots && h0 + c < H ? row[h0 + c] : 0.0f;
+      for (int c = 0; c < kCols; ++c) v[i][c] = s0 + i < slots && h0 + c < H ? row[h0 + c] : 0.0f;
     }
     if (s0 == 0 && !reduced) {
-      for (int s = threadIdx.x; s < k; s += blockDim.x)
-        slot_weight[s] = ids[t * ids_stride + s] < 0 ? __int_as_float(0x7fffffff)
-                         : apply_weights             ? weights[t * weights_stride + s]
-                                                     : 1.0f;
+      for (int s = threadIdx.x; s < padded_slots(k); s += blockDim.x)
+        slot_weight[s] = s >= k || ids[t * ids_stride + s] < 0 ? __int_as_float(0x7fffffff)
+                         : apply_weights                       ? weights[t * weights_stride + s]
+                                                               : 1.0f;
       __syncthreads();
     }
 #pragma unroll
@@ -137,9 +143,9 @@ void weight_and_reduce(const float* fused, int64_t M, int k, int64_t H, bool red
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(M), blocks_for(H, kThreads * kCols));
     // Chained: its launch overlaps the tail of the kernel that writes `fused`.
-    launch_chained(weight_and_reduce_kernel<T>, grid, kThreads, k * sizeof(float), stream, fused, k,
-                   H, reduced, ids, ids_stride, weights, weights_stride, apply_weights,
-                   static_cast<T*>(y), y_stride);
+    launch_chained(weight_and_reduce_kernel<T>, grid, kThreads, padded_slots(k) * sizeof(float),
+                   stream, fused, k, H, reduced, ids, ids_stride, weights, weights_stride,
+                   apply_weights, static_cast<T*>(y), y_stride);
   });
 }
 
