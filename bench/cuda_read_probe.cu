@@ -5,7 +5,7 @@
 // changes that: 0 memset of a 256 MB buffer (dirty lines left in L2), 1 a read of it through
 // ld.global.nc, 2 memset then a plain read of a second buffer, 3 a plain read only. Times are
 // CUDA-event medians of 15 runs, launch included (the "empty kernel" row).
-//   nvcc -O3 -arch=sm_90a -std=c++17 -o cuda_read_probe bench/cuda_read_probe.cu &&
+//   nvcc -O3 -arch=sm_90a -std=c++20 -Isrc -Iinclude -o cuda_read_probe bench/cuda_read_probe.cu
 //   ./cuda_read_probe
 // Output of 2026-11-28 on an H100: bench/results/2026-11-28_h100_read_probe.txt.
 #include <cuda_runtime.h>
@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <random>
 #include <vector>
+
+#include "cuda/device.cuh"  // load_stream: the small-batch kernels' weight load
 
 #define CK(x)                                                          \
   do {                                                                 \
@@ -30,14 +32,6 @@ struct Segs {
   long long bytes[32];
   int n;
 };
-
-__device__ __forceinline__ uint4 lds(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
 __global__ void plain_read(const uint4* p, long long n, unsigned* out) {
   unsigned acc = 0;
@@ -68,7 +62,8 @@ __global__ void __launch_bounds__(256, 2) ldg_kernel(Segs s, long long item_byte
       uint4 v[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        v[u] = off + u * 512 < item_bytes ? lds(base + off + u * 512) : make_uint4(0, 0, 0, 0);
+        v[u] = off + u * 512 < item_bytes ? moekit::cuda::load_stream(base + off + u * 512)
+                                          : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int u = 0; u < U; ++u) acc ^= v[u].x + v[u].y * 3 + v[u].z * 5 + v[u].w * 7;
     }
