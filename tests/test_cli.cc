@@ -139,15 +139,37 @@ TEST(Cli, BenchOracleCoversEveryPresetFeature) {
 // scale per 64 weights: 0.53 bytes a weight), and the oracle check passes at the format's error.
 TEST(Cli, BenchRunsAQuantizedFormat) {
   const TempFile json("moekit_test_cli_w4a16");
-  const RunResult r = run_cli(
-      "bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format w4a16:g64 --reps 1 --json " +
-      json.str());
+  const RunResult r =
+      run_cli("bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format w4a16:g64 --reps 1 --json " +
+              json.str());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const nlohmann::json doc = json.read();
   expect_bench_json(doc, 0.05);  // the oracle dequantizes the same int4 weights
   ASSERT_EQ(doc["rows"].size(), 2u);
   EXPECT_EQ(doc["rows"][0]["format"], "w4a16:g64");
   EXPECT_NEAR(doc["rows"][0]["bytes_per_weight"].get<double>(), 0.5 + 2.0 / 64, 1e-6);
+}
+
+// A list of formats: one layer each, every row of every format on the same routing (so the same
+// active experts), rows in the order tokens x formats, each format checked against the oracle.
+TEST(Cli, BenchRunsAListOfFormatsSideBySide) {
+  const TempFile json("moekit_test_cli_formats");
+  const RunResult r = run_cli(
+      "bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format bf16,w4a16:g64,fp8-token --reps 2 "
+      "--json " +
+      json.str());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json doc = json.read();
+  expect_bench_json(doc, 0.05);
+  const char* const formats[] = {"bf16", "w4a16:g64", "fp8-token"};
+  ASSERT_EQ(doc["rows"].size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    const nlohmann::json& row = doc["rows"][i];
+    EXPECT_EQ(row["format"], formats[i % 3]) << i;
+    EXPECT_EQ(row["tokens"], i < 3 ? 1 : 9) << i;
+    EXPECT_EQ(row["reps"], 2) << i;
+    EXPECT_EQ(row["active_experts"], doc["rows"][i / 3 * 3]["active_experts"]) << i;
+  }
 }
 
 TEST(Cli, CheckPassesOnATinyShape) {
@@ -158,9 +180,9 @@ TEST(Cli, CheckPassesOnATinyShape) {
 }
 
 TEST(Cli, CheckRunsQuantizedFormats) {
-  const RunResult r =
-      run_cli("check -E 8 -H 34 -I 18 -k 2 --tokens 1,7 --ranks 1,2 --placement linear "
-              "--format fp8-token,w4a16:g32:zp");
+  const RunResult r = run_cli(
+      "check -E 8 -H 34 -I 18 -k 2 --tokens 1,7 --ranks 1,2 --placement linear "
+      "--format fp8-token,w4a16:g32:zp");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("fp8-token"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("w4a16:g32:zp"), std::string::npos) << r.output;
@@ -178,6 +200,8 @@ TEST(Cli, BadArgumentsFailWithAMessage) {
       {"bench --tokens abc" + shape, "--tokens"},
       {"bench -E 8 -H 64 -I 32 -k 9", "9"},
       {"bench --format int9" + shape, "--format"},
+      {"bench --format bf16,int9" + shape, "int9"},
+      {"bench --ep 2 --format bf16,w4a16" + shape, "one format at a time with --ep"},
       {"bench --isa sse9" + shape, "--isa"},
       {"bench -E 8 -H 64", "-k"},  // an incomplete explicit shape
       {"check --preset no-such-model", "qwen3-30b-a3b"},

@@ -20,7 +20,8 @@ BenchMachine measure_cpu_machine(const CpuExpertsConfig& cpu, const CacheFlusher
           cpu.isa,
           measure_ceilings(cpu.isa, cpu.num_threads),
           last_level_cache_bytes(),
-          flusher.bytes()};
+          flusher.bytes(),
+          ""};
 }
 
 int run_bench(const BenchOptions& o, const std::string& command_line) {
@@ -33,39 +34,53 @@ int run_bench(const BenchOptions& o, const std::string& command_line) {
   std::optional<CacheFlusher> flusher;
   if (!plan.cuda) flusher.emplace(cpu.num_threads);
   for (const LayerSpec& spec : plan.specs)
-    check_memory(spec, plan.format, plan.max_tokens(), flusher ? flusher->bytes() : 0, 1);
+    check_memory(spec, plan.formats, plan.max_tokens(), flusher ? flusher->bytes() : 0, 1);
   std::cerr << "measuring this machine's ceilings ("
             << (plan.cuda ? "device copy, cuBLAS GEMM" : "DRAM read, SIMD peak") << ")...\n";
-  const BenchMachine machine = plan.cuda ? measure_cuda_machine() : measure_cpu_machine(cpu, *flusher);
+  const BenchMachine machine =
+      plan.cuda ? measure_cuda_machine() : measure_cpu_machine(cpu, *flusher);
   if (json) json->set_machine(machine);
   print_machine(std::cout, machine);
   print_table_header(std::cout, false);
 
-  const RowSettings settings{plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens,
-                             flusher ? &*flusher : nullptr, !o.no_graph};
+  const RowSettings settings{
+      cpu.num_threads, o.seed, o.reps, o.err_tokens, flusher ? &*flusher : nullptr, !o.no_graph};
   // A GPU row runs as one chunk (its workspace fits the card; chunks would re-read the weights);
   // the CPU keeps the library's default chunk, which bounds host memory.
   const int64_t chunk = plan.cuda ? plan.max_tokens() : MoELayerConfig{}.chunk_tokens;
   const size_t total = plan.specs.size() * plan.token_counts.size();
   size_t step = 0;
   for (const LayerSpec& spec : plan.specs) {
-    log_generating(spec, plan.format, spec.total_weight_bytes(plan.format), "");
-    BenchLayer layer =
-        make_bench_layer(spec, {plan.format, cpu, o.seed, std::nullopt, plan.cuda, chunk});
-    log_generated(spec, layer);
+    std::vector<BenchLayer> layers;  // one per format
+    std::vector<BenchLayer*> pointers;
+    for (const QuantScheme& format : plan.formats) {
+      log_generating(spec, format, spec.total_weight_bytes(format), "");
+      layers.push_back(
+          make_bench_layer(spec, {format, cpu, o.seed, std::nullopt, plan.cuda, chunk}));
+      log_generated(spec, layers.back());
+    }
+    for (BenchLayer& layer : layers) pointers.push_back(&layer);
     for (int64_t tokens : plan.token_counts) {
       std::cerr << "[" << ++step << "/" << total << "] " << spec.preset << " tokens=" << tokens
                 << " ...\n";
-      const RowRun run = plan.cuda ? run_cuda_row(settings, spec, layer, tokens)
-                                   : run_layer_row(settings, spec, layer, tokens);
-      const RowCost cost = row_cost(spec, plan.format, expert_loads(run.ids, spec.num_experts),
-                                    tokens, machine.ceilings);
-      BenchRow row = measured_row(spec, plan.format, tokens, layer, run, cost);
-      row.device = machine.kind;
-      row.graph = plan.cuda && settings.cuda_graph;
-      print_table_row(std::cout, row);
-      std::cout.flush();
-      if (json) json->add(row);
+      // GPU rows run one layer after the other (CUDA graphs, events: their noise is small).
+      std::vector<RowRun> runs;
+      if (plan.cuda)
+        for (BenchLayer& layer : layers)
+          runs.push_back(run_cuda_row(settings, spec, layer, tokens));
+      else
+        runs = run_layer_rows(settings, spec, pointers, tokens);
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const QuantScheme& format = plan.formats[i];
+        const RowCost cost = row_cost(spec, format, expert_loads(runs[i].ids, spec.num_experts),
+                                      tokens, machine.ceilings);
+        BenchRow row = measured_row(spec, format, tokens, layers[i], runs[i], cost);
+        row.device = machine.kind;
+        row.graph = plan.cuda && settings.cuda_graph;
+        print_table_row(std::cout, row);
+        std::cout.flush();
+        if (json) json->add(row);
+      }
     }
   }
   return 0;
@@ -83,10 +98,14 @@ Command add_bench_command(CLI::App& app, std::string command_line) {
   add_shape_options(*cmd, o->shape, /*preset_list=*/true);
   cmd->add_option("--tokens", o->tokens, "comma list of token counts (with --ep: per rank)")
       ->capture_default_str();
-  cmd->add_option("--format", o->format,
-                  "weight/activation format (DESIGN.md section 4): bf16, fp16, fp32, fp8-tensor, "
-                  "fp8-token, fp8-block, int8, w4a16, w8a16, w4a8, mxfp4, nvfp4, with options "
-                  "after colons: g32/g64/g128/ch (group), zp, ue8m0, static (e.g. w4a16:g64:zp)")
+  cmd->add_option("--format", o->formats,
+                  "comma list of weight/activation formats (DESIGN.md section 4): bf16, fp16, "
+                  "fp32, fp8-tensor, fp8-token, fp8-block, int8, w4a16, w8a16, w4a8, mxfp4, "
+                  "nvfp4, with options after colons: g32/g64/g128/ch (group), zp, ue8m0, static "
+                  "(e.g. w4a16:g64:zp). With several, every format's layer is built and each "
+                  "rep of a CPU row runs them in turn, so that their ratios share the machine's "
+                  "noise (not with --ep)")
+      ->delimiter(',')
       ->capture_default_str();
   CLI::Option* device =
       cmd->add_option("--device", o->device,
@@ -96,8 +115,8 @@ Command add_bench_command(CLI::App& app, std::string command_line) {
           ->check(CLI::IsMember({"cpu", "cuda"}))
           ->capture_default_str();
   cmd->add_flag("--no-graph", o->no_graph,
-               "GPU rows: launch the forward's kernels on the stream for each rep instead of "
-               "replaying a CUDA graph (what profilers such as ncu see kernel by kernel)")
+                "GPU rows: launch the forward's kernels on the stream for each rep instead of "
+                "replaying a CUDA graph (what profilers such as ncu see kernel by kernel)")
       ->needs(device);
   cmd->add_option("--threads", o->threads,
                   "threads (0: every hardware thread; with --ep, per rank: 0 splits this host's "

@@ -123,14 +123,14 @@ struct EpSweep {
 std::vector<BenchRow> run_step(EpSweep& sweep, const LayerSpec& spec, const EpStep& step,
                                std::optional<BenchJsonFile>& json) {
   const BenchOptions& o = sweep.options;
-  const QuantScheme& format = sweep.plan.format;
+  const QuantScheme& format = sweep.plan.formats.front();  // one with --ep (resolve_bench_plan)
   const bool leader = sweep.job.leader();
   const ExpertMap map = make_ep_placement(o.placement, spec.num_experts, step.ep);
   if (leader)
-    log_generating(
-        spec, format, map.num_local(0) * spec.expert_bytes(format) + spec.shared_bytes(format),
-        " (rank 0's " + std::to_string(map.num_local(0)) +
-            " experts at ep=" + std::to_string(step.ep) + ")");
+    log_generating(spec, format,
+                   map.num_local(0) * spec.expert_bytes(format) + spec.shared_bytes(format),
+                   " (rank 0's " + std::to_string(map.num_local(0)) +
+                       " experts at ep=" + std::to_string(step.ep) + ")");
   BenchLayer layer =
       make_bench_layer(spec, {format, sweep.cpu, o.seed,
                               BenchEpConfig{step.comm, map, o.ep_mode, sweep.plan.max_tokens()}});
@@ -167,7 +167,7 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
 
   CacheFlusher flusher(cpu.num_threads);
   for (const LayerSpec& spec : plan.specs)
-    check_memory(spec, plan.format, plan.max_tokens(), flusher.bytes(), job.ranks_on_host);
+    check_memory(spec, plan.formats, plan.max_tokens(), flusher.bytes(), job.ranks_on_host);
   if (job.leader())
     std::cerr << "measuring the ceilings of each ep step, its ranks at once (DRAM read, SIMD "
                  "peak)...\n";
@@ -179,8 +179,10 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
                    {}};
   const std::vector<EpStep> steps = make_steps(job, cpu, info);
   if (job.leader()) {
-    const BenchMachine machine{cpu_model_name(), "cpu", cpu.num_threads,          cpu.isa,
-                               steps.front().ceilings, last_level_cache_bytes(), flusher.bytes()};
+    const BenchMachine machine{cpu_model_name(),       "cpu",
+                               cpu.num_threads,        cpu.isa,
+                               steps.front().ceilings, last_level_cache_bytes(),
+                               flusher.bytes(),        ""};
     if (json) {
       json->set_machine(machine);
       json->set_ep(info);
@@ -194,7 +196,7 @@ int run_ep_bench(const BenchOptions& o, const std::string& command_line) {
                 plan,
                 job,
                 cpu,
-                {plan.format, cpu.num_threads, o.seed, o.reps, o.err_tokens, &flusher},
+                {cpu.num_threads, o.seed, o.reps, o.err_tokens, &flusher},
                 0,
                 plan.specs.size() * steps.size() * plan.token_counts.size()};
   std::vector<std::vector<BenchRow>> scaling;  // rank 0: per layer, the rows of every step

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "bench_cache.h"
 #include "bench_layer.h"
@@ -14,7 +15,6 @@ namespace moekit::cli {
 
 // What every row of a sweep shares.
 struct RowSettings {
-  QuantScheme format;
   int threads = 1;
   uint64_t seed = 0;
   int reps = 0;  // 0: adaptive, kMinReps to kMaxReps within kRowBudgetUs
@@ -38,9 +38,14 @@ struct RowRun {
 
 RowRun run_layer_row(const RowSettings& settings, const LayerSpec& spec, BenchLayer& layer,
                      int64_t tokens);
+// The same row on several layers of one shape (one per format, no EP), on the same routing:
+// each rep runs every layer in turn (bench_row.cc), so that their ratios share the machine's
+// noise. One RowRun per layer, in order.
+std::vector<RowRun> run_layer_rows(const RowSettings& settings, const LayerSpec& spec,
+                                   const std::vector<BenchLayer*>& layers, int64_t tokens);
 
 // The fields of a row that one process measured; an EP sweep then merges its ranks' results.
-BenchRow measured_row(const LayerSpec& spec, const QuantScheme& format, int64_t tokens, const BenchLayer& layer,
-                      const RowRun& run, const RowCost& cost);
+BenchRow measured_row(const LayerSpec& spec, const QuantScheme& format, int64_t tokens,
+                      const BenchLayer& layer, const RowRun& run, const RowCost& cost);
 
 }  // namespace moekit::cli
