@@ -30,7 +30,7 @@ std::vector<Timing> time_reps(const std::vector<std::function<void()>>& forwards
         reps ? n < reps : n < kMinReps || (n < kMaxReps && row.elapsed_us() < kRowBudgetUs);
     if (!comm && !more) break;
     bool stop = false;
-    for (size_t i = 0; i < forwards.size() && !stop; ++i) {
+    for (size_t i = 0; i < forwards.size(); ++i) {
       flusher.flush();
       stop = comm && !comm->all_gather(int(more))[0];
       if (stop) break;
