@@ -81,6 +81,24 @@ void expect_bench_json(const nlohmann::json& doc, double max_err) {
   }
 }
 
+// `moekit bench <args> --json FILE` in one process: its output, and the JSON (checked by
+// expect_bench_json at max_err). A failed run is reported and gives a JSON without rows, so that
+// the caller's row assertions fail instead of reading a missing file.
+struct BenchRun {
+  RunResult result;
+  nlohmann::json doc;
+};
+BenchRun run_bench_json(const std::string& args, double max_err) {
+  const TempFile json("moekit_test_cli_bench");
+  BenchRun run{run_cli("bench " + args + " --json " + json.str()),
+               {{"rows", nlohmann::json::array()}}};
+  EXPECT_EQ(run.result.exit_code, 0) << run.result.output;
+  if (run.result.exit_code != 0) return run;
+  run.doc = json.read();
+  expect_bench_json(run.doc, max_err);
+  return run;
+}
+
 TEST(Cli, InfoShowsBuildCpuAndPresets) {
   const RunResult r = run_cli("info");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -98,14 +116,10 @@ TEST(Cli, EveryCommandHasHelp) {
 }
 
 TEST(Cli, BenchWritesTheDesignJson) {
-  const TempFile json("moekit_test_cli_bench");
-  const RunResult r =
-      run_cli("bench --preset qwen3-30b-a3b -E 8 -H 64 -I 32 -k 2 --tokens 1,7 --reps 2 --json " +
-              json.str());
-  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // bf16 output: a few bf16 roundings per value
+  const auto [r, doc] =
+      run_bench_json("--preset qwen3-30b-a3b -E 8 -H 64 -I 32 -k 2 --tokens 1,7 --reps 2", 0.05);
   EXPECT_NE(r.output.find("[2/2] qwen3-30b-a3b tokens=7"), std::string::npos) << r.output;
-  const nlohmann::json doc = json.read();
-  expect_bench_json(doc, 0.05);  // bf16 output: a few bf16 roundings per value
   ASSERT_EQ(doc["rows"].size(), 2u);
   const nlohmann::json& row = doc["rows"][1];
   EXPECT_EQ(row["preset"], "qwen3-30b-a3b");
@@ -121,14 +135,11 @@ TEST(Cli, BenchWritesTheDesignJson) {
 // Shared experts, biases with the interleaved SwiGLU-OAI and weight-on-input routing all pass
 // through the bench's own oracle check; fp32 leaves only summation-order differences.
 TEST(Cli, BenchOracleCoversEveryPresetFeature) {
-  const TempFile json("moekit_test_cli_features");
-  const RunResult r = run_cli(
-      "bench --preset deepseek-v3,gpt-oss-20b,llama4-scout -E 16 -H 48 -I 24 --tokens 5 "
-      "--format fp32 --reps 1 --json " +
-      json.str());
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const nlohmann::json doc = json.read();
-  expect_bench_json(doc, 1e-3);
+  const nlohmann::json doc = run_bench_json(
+                                 "--preset deepseek-v3,gpt-oss-20b,llama4-scout -E 16 -H 48 -I 24 "
+                                 "--tokens 5 --format fp32 --reps 1",
+                                 1e-3)
+                                 .doc;
   ASSERT_EQ(doc["rows"].size(), 3u);
   EXPECT_EQ(doc["rows"][0]["shared_experts"], 1);
   EXPECT_EQ(doc["rows"][1]["has_bias"], true);
@@ -138,13 +149,9 @@ TEST(Cli, BenchOracleCoversEveryPresetFeature) {
 // A quantized format: the JSON names it, the roofline counts its bytes (int4 codes plus a bf16
 // scale per 64 weights: 0.53 bytes a weight), and the oracle check passes at the format's error.
 TEST(Cli, BenchRunsAQuantizedFormat) {
-  const TempFile json("moekit_test_cli_w4a16");
-  const RunResult r =
-      run_cli("bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format w4a16:g64 --reps 1 --json " +
-              json.str());
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const nlohmann::json doc = json.read();
-  expect_bench_json(doc, 0.05);  // the oracle dequantizes the same int4 weights
+  // The oracle dequantizes the same int4 weights.
+  const nlohmann::json doc =
+      run_bench_json("-E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format w4a16:g64 --reps 1", 0.05).doc;
   ASSERT_EQ(doc["rows"].size(), 2u);
   EXPECT_EQ(doc["rows"][0]["format"], "w4a16:g64");
   EXPECT_NEAR(doc["rows"][0]["bytes_per_weight"].get<double>(), 0.5 + 2.0 / 64, 1e-6);
@@ -153,14 +160,10 @@ TEST(Cli, BenchRunsAQuantizedFormat) {
 // A list of formats: one layer each, every row of every format on the same routing (so the same
 // active experts), rows in the order tokens x formats, each format checked against the oracle.
 TEST(Cli, BenchRunsAListOfFormatsSideBySide) {
-  const TempFile json("moekit_test_cli_formats");
-  const RunResult r = run_cli(
-      "bench -E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format bf16,w4a16:g64,fp8-token --reps 2 "
-      "--json " +
-      json.str());
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const nlohmann::json doc = json.read();
-  expect_bench_json(doc, 0.05);
+  const nlohmann::json doc =
+      run_bench_json(
+          "-E 8 -H 256 -I 128 -k 2 --tokens 1,9 --format bf16,w4a16:g64,fp8-token --reps 2", 0.05)
+          .doc;
   const char* const formats[] = {"bf16", "w4a16:g64", "fp8-token"};
   ASSERT_EQ(doc["rows"].size(), 6u);
   for (size_t i = 0; i < 6; ++i) {
