@@ -6,9 +6,10 @@
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
-// apply_activation and the W13 row helpers are also compiled into CUDA kernels (nvcc, --expt-relaxed-constexpr), so the
-// GPU evaluates the very formula the oracle does.
+// apply_activation and the W13 row helpers are also compiled into CUDA kernels (nvcc,
+// --expt-relaxed-constexpr), so the GPU evaluates the very formula the oracle does.
 #if defined(__CUDACC__)
 #define MOEKIT_HOST_DEVICE __host__ __device__
 #else
@@ -46,37 +47,57 @@ struct Activation {
 // Parses the names of Activation::str(); throws moekit::Error naming the bad value.
 Activation parse_activation(std::string_view s);
 
-// act(gate) for non-gated, act(gate) * up for gated, in precision T.
+// act(gate) for non-gated, act(gate) * up for gated, in precision T, for the function F.
+template <ActivationFn F, typename T>
+MOEKIT_HOST_DEVICE inline T activation_of(const Activation& a, T gate, T up) {
+  if constexpr (F == ActivationFn::kSilu) {
+    T g = gate / (T(1) + std::exp(-gate));
+    return a.gated ? g * up : g;
+  } else if constexpr (F == ActivationFn::kGeluErf) {
+    T g = T(0.5) * gate * (T(1) + std::erf(gate * T(0.70710678118654752440)));
+    return a.gated ? g * up : g;
+  } else if constexpr (F == ActivationFn::kGeluTanh) {
+    const T c = T(0.79788456080286535588);  // sqrt(2/pi)
+    T g = T(0.5) * gate * (T(1) + std::tanh(c * (gate + T(0.044715) * gate * gate * gate)));
+    return a.gated ? g * up : g;
+  } else if constexpr (F == ActivationFn::kRelu2) {
+    T r = gate > T(0) ? gate : T(0);
+    return a.gated ? r * r * up : r * r;
+  } else {
+    static_assert(F == ActivationFn::kSwigluOai);
+    // gpt-oss: gate clamped above, up clamped both sides, glu = g*sigmoid(alpha*g), (up+1)*glu.
+    const T lim = T(a.limit);
+    T g = std::min(gate, lim);
+    T u = std::clamp(up, -lim, lim);
+    T glu = g / (T(1) + std::exp(-T(a.alpha) * g));
+    return (u + T(1)) * glu;
+  }
+}
+
+// Calls f(std::integral_constant<ActivationFn, fn>{}): loops over many values switch once.
+template <typename F>
+MOEKIT_HOST_DEVICE inline void with_activation_fn(ActivationFn fn, F&& f) {
+  using Fn = ActivationFn;
+  switch (fn) {
+    case Fn::kSilu:
+      return f(std::integral_constant<Fn, Fn::kSilu>{});
+    case Fn::kGeluErf:
+      return f(std::integral_constant<Fn, Fn::kGeluErf>{});
+    case Fn::kGeluTanh:
+      return f(std::integral_constant<Fn, Fn::kGeluTanh>{});
+    case Fn::kRelu2:
+      return f(std::integral_constant<Fn, Fn::kRelu2>{});
+    case Fn::kSwigluOai:
+      return f(std::integral_constant<Fn, Fn::kSwigluOai>{});
+  }
+}
+
+// activation_of for a.fn chosen at run time.
 template <typename T>
 MOEKIT_HOST_DEVICE inline T apply_activation(const Activation& a, T gate, T up) {
-  switch (a.fn) {
-    case ActivationFn::kSilu: {
-      T g = gate / (T(1) + std::exp(-gate));
-      return a.gated ? g * up : g;
-    }
-    case ActivationFn::kGeluErf: {
-      T g = T(0.5) * gate * (T(1) + std::erf(gate * T(0.70710678118654752440)));
-      return a.gated ? g * up : g;
-    }
-    case ActivationFn::kGeluTanh: {
-      const T c = T(0.79788456080286535588);  // sqrt(2/pi)
-      T g = T(0.5) * gate * (T(1) + std::tanh(c * (gate + T(0.044715) * gate * gate * gate)));
-      return a.gated ? g * up : g;
-    }
-    case ActivationFn::kRelu2: {
-      T r = gate > T(0) ? gate : T(0);
-      return a.gated ? r * r * up : r * r;
-    }
-    case ActivationFn::kSwigluOai: {
-      // gpt-oss: gate clamped above, up clamped both sides, glu = g*sigmoid(alpha*g), (up+1)*glu.
-      const T lim = T(a.limit);
-      T g = std::min(gate, lim);
-      T u = std::clamp(up, -lim, lim);
-      T glu = g / (T(1) + std::exp(-T(a.alpha) * g));
-      return (u + T(1)) * glu;
-    }
-  }
-  return T(0);
+  T r = T(0);
+  with_activation_fn(a.fn, [&](auto fn) { r = activation_of<decltype(fn)::value>(a, gate, up); });
+  return r;
 }
 
 }  // namespace moekit

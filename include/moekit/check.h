@@ -184,12 +184,16 @@ struct PrepareFinalizeEntry {
 // CUDA, present only when moekit is built with CUDA and a CUDA device is present (else absent,
 // and naming one is an error that says why): cuda-small-batch (kNone: the top-k weights applied
 // by the CUDA weight-and-reduce), cuda-small-batch-reduced (kWeightedAndReduced),
-// cuda-grouped-gemm, and cuda (small-batch up to 8 dispatched rows, grouped GEMM above).
+// cuda-grouped-gemm, and cuda (small-batch up to 8 dispatched rows, grouped GEMM above); of the
+// batched format, cuda-batched (make_cuda_batched_experts on its small-batch path for every
+// shape of the suite's sizes) and cuda-batched-grouped (on its grouped-GEMM path).
 std::vector<ExpertsEntry> experts_registry(std::optional<DeviceType> device = DeviceType::kCPU);
 // CPU: local (single process; one rank's share of a multi-rank map); naive, all_to_all and
-// low_latency (distributed: over MPI ranks, or one rank in process; low_latency is batched, and
-// the suite wraps the experts with make_batched_experts). CUDA (as above): cuda-local (one
-// rank's share, in process).
+// low_latency (distributed: over MPI ranks, or one rank in process; low_latency is batched).
+// CUDA (as above): cuda-local (standard) and cuda-batched-local (batched, N = the largest
+// token count rows per expert), each one rank's share, in process. Batched experts run as they
+// are behind a batched prepare/finalize; standard ones are wrapped with make_batched_experts
+// there on the CPU, where that adapter runs. Other pairs are not applicable (CaseResult).
 std::vector<PrepareFinalizeEntry> prepare_finalize_registry(
     std::optional<DeviceType> device = DeviceType::kCPU);
 // Why `device` has no registry entries here ("moekit built without CUDA", "no CUDA device");
@@ -224,10 +228,12 @@ struct CaseResult {
   // True when nothing failed -- also for a case that is not applicable.
   bool passed = false;
   // The experts refused the case when built -- its format (a moekit::Error naming the
-  // "format"), or its shape (an error asking for "multiples of N" where H or I is not one): the
-  // case did not run, and detail says why ("the experts refuse the format: <error>", "the experts
-  // refuse the shape H=67, I=45 (they need multiples of 8): <error>"). Counted apart from passed
-  // and failed cases.
+  // "format"), or its shape (an error asking for "multiples of N" where H or I is not one) -- or
+  // their activation format cannot meet the prepare/finalize's (batched experts behind a
+  // standard one; standard CUDA experts behind a batched one): the case did not run, and detail
+  // says why ("the experts refuse the format: <error>", "the experts refuse the shape H=67,
+  // I=45 (they need multiples of 8): <error>", "the activation formats do not meet: ...").
+  // Counted apart from passed and failed cases.
   bool not_applicable = false;
   double max_err = 0, bound = 0;  // of the row comparison closest to its bound
   std::string detail;             // the failing check and its first bad coordinate, or errors
@@ -292,8 +298,9 @@ struct CheckReport {
 std::vector<CheckCase> enumerate_cases(const CheckOptions& options);
 // Runs one case for every token count, its kernels where its entries' device is (CUDA: the
 // weights, x and routing copied to the device, y copied back; the comparisons are the same).
-// Never throws: errors become failed results, and experts that refuse the case at construction
-// (CaseResult::not_applicable) make every result not applicable.
+// Never throws: errors become failed results, and experts that refuse the case at construction,
+// or whose activation format cannot meet the prepare/finalize's (CaseResult::not_applicable),
+// make every result not applicable.
 // Per token count it checks, against reference_moe on the same inputs (within error_bound, and
 // for formats with quantized activations within systematic_error_bound):
 //   each rank's output vs the oracle's share of that rank (rows it does not serve: exact 0);

@@ -86,9 +86,26 @@ void copy_to_host(const TensorView& device, const TensorView& host);
 // are treated as -1 and counted in a device flag instead of stopping the stream;
 // cuda_bad_id_count() reads it.
 std::shared_ptr<PrepareFinalize> make_cuda_prepare_finalize(ExpertMap map, int rank);
+// Single-rank PrepareFinalize on the device in the batched format (the layout of low-latency
+// dispatch on one rank, no communication), for make_cuda_batched_experts: ids mapped and x
+// brought into the experts' activation spec as make_cuda_prepare_finalize does (bad ids
+// counted alike), then every (token, slot) served by local expert e takes row j of e's
+// N = max_tokens rows, j counting e's pairs before it in (token, slot) order (deterministic):
+// a1 [E_local, N, H] (fp8 per-token scales [E_local * N] in a1's row order; a per-tensor [1]
+// scale as is), expert_num_tokens [E_local] int32. Rows past a count are left unwritten. Where
+// each pair landed stays on the device, in the workspace, until finalize:
+// y[t] = sum over slots s = 0..k-1 served here of w[t, s] * fused_out[e, j] (the caller's
+// weights; 1 when applied on the input; fp32, slots in order, then y's dtype). The experts
+// must leave the top-k weights to finalize (kNone). No host synchronisation: CUDA-graph
+// capturable. A round holds at most max_tokens tokens: forward refuses (moekit::Error, before
+// enqueueing anything) M > max_tokens unless chunk_tokens <= max_tokens, and prepare refuses
+// more than max_tokens rows. A token naming one expert in two slots may overflow its N rows:
+// such pairs are dropped and counted with the bad ids.
+std::shared_ptr<PrepareFinalize> make_cuda_batched_prepare_finalize(ExpertMap map, int rank,
+                                                                    int64_t max_tokens);
 // Ids outside [-1, E) seen by prepare() since the last call (synchronizes with the device, so
-// call it outside the forward path); resets the count. `pf` must come from
-// make_cuda_prepare_finalize.
+// call it outside the forward path), and pairs a batched prepare dropped; resets the count.
+// `pf` must come from make_cuda_prepare_finalize or make_cuda_batched_prepare_finalize.
 int64_t cuda_bad_id_count(const PrepareFinalize& pf);
 
 // Deterministic weight-and-reduce (slots summed in order 0..k-1), fp32 accumulation.

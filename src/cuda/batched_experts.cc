@@ -205,6 +205,7 @@ class BatchedExperts final : public CudaExpertsBase {
                       .a2_scale = buf.a2_scale,
                       .amax = buf.amax,
                       .d = out.ptr<float>(),
+                      .d_rounded = false,
                       .gemm = buf.gemm,
                       .gemm_bytes = buf.gemm_bytes},
                      stream);

@@ -9,6 +9,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/check.h"
@@ -125,6 +126,61 @@ __device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
 
+// 8 consecutive elements at p as floats: 16-byte loads (p 16-byte aligned; fp32: 32).
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  static_assert(sizeof(T) == 2);
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      f = unpack_bf16x2(w[i]);
+    else
+      f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+  }
+}
+// 4 consecutive elements at p as floats: one 16-byte (fp32) or 8-byte (16-bit) load.
+__device__ __forceinline__ float4 load4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+template <typename T>
+__device__ __forceinline__ float4 load4(const T* p) {
+  static_assert(sizeof(T) == 2);
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  float2 lo, hi;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    lo = unpack_bf16x2(raw.x), hi = unpack_bf16x2(raw.y);
+  } else {
+    lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  }
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+// Stores 8 floats at p (16-byte aligned) as 16-bit T, rounded to nearest even.
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  static_assert(sizeof(T) == 2);
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 template <typename T>
 __device__ __forceinline__ void store_float(T* p, int64_t i, float v);
 template <>
@@ -168,6 +224,14 @@ void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sme
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   MOEKIT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+// Reductions over a token's k slots load kSlotBatch slots' values before using any; their
+// per-slot tables in shared memory are padded to a whole batch so that the unrolled reads stay
+// in bounds (memcheck found 16-byte reads past [k] without it).
+inline constexpr int kSlotBatch = 8;
+__host__ __device__ constexpr int padded_slots(int k) {
+  return (k + kSlotBatch - 1) / kSlotBatch * kSlotBatch;
 }
 
 inline unsigned blocks_for(int64_t n, int threads) {

@@ -52,6 +52,14 @@ extern const GroupedGemm kGroupedGemmE4m3OutF32;
 inline DType gemm1_out(DType ab) {
   return ab == DType::kF8E4M3 ? DType::kF32 : ab;
 }
+// The element GEMM2 writes where the caller reduces c2 in fp32 right after (the grouped
+// experts' unpermute): bf16 for bf16 operands -- half the bytes of the epilogue's stores and of
+// the unpermute's reads, one more rounding of the kind bf16 kernels already make -- and fp32
+// otherwise (fp16: its range could overflow on a slot's row before the weights shrink it; e4m3:
+// no e4m3 -> 16-bit configuration).
+inline DType gemm2_out(DType ab) {
+  return ab == DType::kBF16 ? ab : DType::kF32;
+}
 // The configuration for operands `ab` (kBF16, kF16, kF8E4M3): out_f32 for fp32 D (GEMM2, and
 // GEMM1 on e4m3), else D in the operand type.
 const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32);
@@ -65,7 +73,8 @@ inline int64_t gemm1_out_bytes(DType ab) {
 
 // The experts' MLP over rows already grouped by local expert (counts, offsets [G]):
 //   a [rows, H] (a_scale) --GEMM1--> c1 [rows, w13_rows] --grouped_activation--> a2 [rows, I]
-//   (a2_scale and amax for e4m3) --GEMM2--> d [rows, H] fp32 (no b2).
+//   (a2_scale and amax for e4m3) --GEMM2--> d [rows, H] (no b2) in fp32, or in gemm2_out when
+//   d_rounded.
 // c1 and d may share memory, as may a and a2 (each is consumed before the other is written, on
 // one stream). gemm: the GEMMs' workspace of gemm_bytes.
 struct ExpertGemms {
@@ -77,13 +86,15 @@ struct ExpertGemms {
   void* a2;
   float* a2_scale;
   uint32_t* amax;
-  float* d;
+  void* d;
+  bool d_rounded;
   void* gemm;
   size_t gemm_bytes;
 };
-void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows,
-                      const ExpertGemms& g, cudaStream_t stream);
-// Workspace bytes of run_expert_gemms' GEMMs for operands `ab` over num_groups groups.
+void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, const ExpertGemms& g,
+                      cudaStream_t stream);
+// Workspace bytes of run_expert_gemms' GEMMs for operands `ab` over num_groups groups (either
+// GEMM2 output).
 size_t expert_gemms_workspace(DType ab, int num_groups);
 
 }  // namespace moekit::cuda

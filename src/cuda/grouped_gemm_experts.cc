@@ -1,6 +1,7 @@
 // Grouped-GEMM experts (prefill): pairs sorted by local expert on the device, then
 //   a_sorted [R, H] T --GEMM1--> c1 [R, w13_rows] --activation--> a2 [R, I] T
-//   --GEMM2--> c2 [R, H] fp32 --unpermute, weight, reduce--> out [M, H] fp32
+//   --GEMM2--> c2 [R, H] (gemm2_out: bf16 or fp32) --unpermute, weight, reduce--> out [M, H]
+//   fp32
 // with R = M * k rows reserved (only the valid pairs' rows are used) and per-expert sizes kept
 // on the device. T is bf16 or fp16 (c1 in T), or e4m3: then both GEMMs dequantize in their
 // epilogue (the per-tensor activation scale, the per-sorted-row activation scale and the weight's
@@ -61,11 +62,12 @@ class GroupedGemmExperts final : public CudaExpertsBase {
                       .a2 = buf.activations,
                       .a2_scale = buf.a2_scale,
                       .amax = buf.amax,
-                      .d = static_cast<float*>(buf.results),
+                      .d = buf.results,
+                      .d_rounded = true,
                       .gemm = buf.gemm,
                       .gemm_bytes = buf.gemm_bytes},
                      stream);
-    unpermute_weight_reduce(weights_, static_cast<const float*>(buf.results), buf.pair_pos,
+    unpermute_weight_reduce(weights_, buf.results, gemm2_out(weights_.elem), buf.pair_pos,
                             b.topk_ids.ptr<int32_t>(), b.topk_ids.stride[0],
                             b.topk_weights.ptr<float>(), b.topk_weights.stride[0], M,
                             static_cast<int>(k), out.ptr<float>(), stream);
@@ -74,8 +76,8 @@ class GroupedGemmExperts final : public CudaExpertsBase {
  private:
   // Workspace of one apply() over R = M * k rows. `activations` holds a_sorted [R, H] T and
   // later a2 [R, I] T; `results` holds c1 [R, w13_rows] (gemm1_out) and later c2 [R, H]
-  // fp32. e4m3 only: a1_scale [R] (per-token a1 scales in sorted order), a2_scale [R] (or [1])
-  // and the amax of a dynamic per-tensor a2 scale.
+  // (gemm2_out). e4m3 only: a1_scale [R] (per-token a1 scales in sorted order), a2_scale [R] (or
+  // [1]) and the amax of a dynamic per-tensor a2 scale.
   struct Buffers {
     int32_t *counts, *offsets, *cursor, *pair_pos;
     void* activations;
@@ -96,7 +98,8 @@ class GroupedGemmExperts final : public CudaExpertsBase {
     const int scaled = quantized() ? 1 : 0;
     Layout l{{size_t(G * 4), size_t(G * 4), size_t(G * 4), size_t(R * 4),
               size_t(R * std::max(H, I) * elem_bytes()),
-              size_t(R * std::max(rows13 * gemm1_out_bytes(weights_.elem), H * 4)),
+              size_t(R * std::max(rows13 * gemm1_out_bytes(weights_.elem),
+                                  H * traits(gemm2_out(weights_.elem)).bits / 8)),
               size_t(scaled * R * 4), size_t(scaled * R * 4), size_t(scaled * 4),
               expert_gemms_workspace(weights_.elem, int(G))}};
     for (size_t s : l.sizes) l.bytes += Workspace::aligned(s);
@@ -142,8 +145,9 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
 }
 
 size_t expert_gemms_workspace(DType ab, int num_groups) {
-  return std::max(grouped_gemm1_for(ab).workspace(num_groups),
-                  grouped_gemm_for(ab, true).workspace(num_groups));
+  return std::max({grouped_gemm1_for(ab).workspace(num_groups),
+                   grouped_gemm_for(ab, true).workspace(num_groups),
+                   grouped_gemm_for(ab, gemm2_out(ab) == DType::kF32).workspace(num_groups)});
 }
 
 void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, const ExpertGemms& g,
@@ -177,7 +181,8 @@ void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, cons
                            .d = g.d,
                            .a_scale = {g.a2_scale, w.a2_scale == ScaleKind::kToken ? 1 : 0},
                            .b_scale = w.s2};
-  grouped_gemm_for(w.elem, true).run(g2, g.gemm, g.gemm_bytes, stream);
+  grouped_gemm_for(w.elem, !g.d_rounded || gemm2_out(w.elem) == DType::kF32)
+      .run(g2, g.gemm, g.gemm_bytes, stream);
 }
 
 }  // namespace moekit::cuda

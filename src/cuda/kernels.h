@@ -154,11 +154,38 @@ void grouped_activation(const DeviceWeights& w, const void* c1, const int32_t* c
                         uint32_t* amax, cudaStream_t stream);
 
 // y[t] = sum over s in order with pos = pair_pos[t * k + s] >= 0 of
-//   weights[t, s] * (c2[pos] + b2[ids[t, s]])            (y: [M, H] fp32, c2: [rows, H] fp32)
-void unpermute_weight_reduce(const DeviceWeights& w, const float* c2, const int32_t* pair_pos,
-                             const int32_t* ids, int64_t ids_stride, const float* weights,
-                             int64_t weights_stride, int64_t M, int k, float* y,
-                             cudaStream_t stream);
+//   weights[t, s] * (c2[pos] + b2[ids[t, s]])    (y: [M, H] fp32, c2: [rows, H] of c2_dtype, a
+// float dtype), in fp32.
+void unpermute_weight_reduce(const DeviceWeights& w, const void* c2, DType c2_dtype,
+                             const int32_t* pair_pos, const int32_t* ids, int64_t ids_stride,
+                             const float* weights, int64_t weights_stride, int64_t M, int k,
+                             float* y, cudaStream_t stream);
+
+// The same gather without biases, into y of a float dtype: y[t] = sum over s in order with
+// pos = pair_pos[t * k + s] >= 0 of (weights ? weights[t, s] : 1) * rows[pos], in fp32 (fmaf,
+// the arithmetic of weight_and_reduce), then cast to y_dtype. rows: [*, H] fp32 contiguous;
+// pair_pos: [M * k]; y: [M, H] with row stride y_stride.
+void gather_weight_reduce(const float* rows, int64_t H, const int32_t* pair_pos,
+                          const float* weights, int64_t weights_stride, int64_t M, int k, void* y,
+                          DType y_dtype, int64_t y_stride, cudaStream_t stream);
+
+// ---- batched prepare (batched_dispatch.cu) --------------------------------------------------
+
+// Places the P (token, slot) pairs in the batched layout [E_local, N, ...]: pair p (= t * k + s)
+// with ids[p] = e in [0, E_local) gets row pair_row[p] = e * N + j, where j counts the pairs
+// before p with the same expert (deterministic: (token, slot) order, no atomics). Pairs with
+// other ids get -1, and so do pairs with j >= N, which add one each to *dropped (only a token
+// naming one expert in several slots can overflow N >= M rows). counts[e] = min(pairs of e, N).
+// ids: [P] int32 contiguous; pair_row: [P]; counts: [E_local]; E_local * N must fit int32.
+void batched_place(const int32_t* ids, int64_t pairs, int num_local, int64_t N, int32_t* pair_row,
+                   int32_t* counts, int32_t* dropped, cudaStream_t stream);
+
+// Copies the rows of the placed pairs: a1 row pair_row[p] = src row p / k (row_bytes bytes;
+// src rows src_stride_bytes apart, a1 rows contiguous) and, when src_scale is given (per-token
+// scales), a1_scale[pair_row[p]] = src_scale[p / k]. Pairs with pair_row -1 copy nothing.
+void batched_scatter_rows(const int32_t* pair_row, int64_t pairs, int k, const void* src,
+                          int64_t src_stride_bytes, int64_t row_bytes, const float* src_scale,
+                          void* a1, float* a1_scale, cudaStream_t stream);
 
 // ---- batched-format experts (batched.cu) ----------------------------------------------------
 
@@ -179,7 +206,7 @@ void batched_top1_ids(const int32_t* expert_num_tokens, int num_local, int64_t N
 // The end of the grouped GEMM2 written in place into out [w.num_local * N, H] fp32 (16-byte
 // aligned): valid rows (j < counts[e], the clamped counts of batched_groups) get
 // b2[index[e]] added (w.b2 null: left alone), rows j >= counts[e] become +0.
-void batched_bias_and_padding(const DeviceWeights& w, const int32_t* counts, int64_t N,
-                              float* out, cudaStream_t stream);
+void batched_bias_and_padding(const DeviceWeights& w, const int32_t* counts, int64_t N, float* out,
+                              cudaStream_t stream);
 
 }  // namespace moekit::cuda

@@ -54,11 +54,6 @@ __global__ void convert_rows_kernel(const T* __restrict__ x, int64_t x_stride, i
 // in L2, that chain was most of this kernel's time. Slots summed in order 0..k-1:
 // deterministic.
 constexpr int kCols = 4;
-constexpr int kSlotBatch = 8;
-
-__host__ __device__ constexpr int padded_slots(int k) {
-  return (k + kSlotBatch - 1) / kSlotBatch * kSlotBatch;
-}
 
 template <typename T>
 __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k, int64_t H,
@@ -75,6 +70,9 @@ __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k,
   const int64_t t = blockIdx.x;
   const int64_t h0 = (blockIdx.y * int64_t(blockDim.x) + threadIdx.x) * kCols;
   const int slots = reduced ? 1 : k;
+  // Rows of a multiple of kCols floats from a 16-byte aligned start: one float4 per slot.
+  static_assert(kCols == 4);
+  const bool vec_rows = H % kCols == 0 && reinterpret_cast<uintptr_t>(fused) % 16 == 0;
   float acc[kCols] = {};
   for (int s0 = 0; s0 < slots; s0 += kSlotBatch) {
     // Rows of skipped slots are read too (they exist) and ignored below.
@@ -82,6 +80,11 @@ __global__ void weight_and_reduce_kernel(const float* __restrict__ fused, int k,
 #pragma unroll
     for (int i = 0; i < kSlotBatch; ++i) {
       const float* row = fused + (reduced ? t : t * k + s0 + i) * H;
+      if (vec_rows && s0 + i < slots && h0 < H) {
+        const float4 q = *reinterpret_cast<const float4*>(row + h0);
+        v[i][0] = q.x, v[i][1] = q.y, v[i][2] = q.z, v[i][3] = q.w;
+        continue;
+      }
 #pragma unroll
       for (int c = 0; c < kCols; ++c) v[i][c] = s0 + i < slots && h0 + c < H ? row[h0 + c] : 0.0f;
     }

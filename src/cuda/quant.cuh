@@ -74,19 +74,39 @@ __device__ __forceinline__ void publish_tensor_scale(int64_t r, const Fp8Rows& o
   if (r == 0 && threadIdx.x == 0) out.scale[0] = tensor_scale(out);
 }
 
-// One block stores row r of n values value(j) (j < n) into out.q[r * n + j] as Q says (not
-// kNone): kToken writes out.scale[r]; kTensorApply writes out.scale[0] from row 0; kTensorAmax
-// only raises *out.amax. Every thread of the block must call it.
-template <RowQuant Q, typename F>
+// Stores W codes of v / scale at q (W-byte aligned; W = 8: one 8-byte store).
+template <int W>
+__device__ __forceinline__ void store_codes(uint8_t* q, const float (&v)[W], float scale) {
+  if constexpr (W == 8) {
+    uint32_t half[2] = {0, 0};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) half[i / 4] |= uint32_t(to_e4m3(v[i], scale)) << (8 * (i % 4));
+    *reinterpret_cast<uint2*>(q) = make_uint2(half[0], half[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i) q[i] = to_e4m3(v[i], scale);
+  }
+}
+
+// One block stores row r of n values into out.q[r * n + j] as Q says (not kNone), W at a time:
+// value(v, vals) fills vals[0..W) with values j = v * W .. v * W + W - 1 (n a multiple of W).
+// kToken writes out.scale[r]; kTensorApply writes out.scale[0] from row 0; kTensorAmax only
+// raises *out.amax. Every thread of the block must call it.
+template <RowQuant Q, int W, typename F>
 __device__ __forceinline__ void quantize_row(F value, int64_t n, int64_t r, const Fp8Rows& out) {
   static_assert(Q != RowQuant::kNone);
   float scale;
+  float vals[W];
   if constexpr (Q == RowQuant::kTensorApply) {
     scale = tensor_scale(out);
     publish_tensor_scale(r, out);
   } else {
     float m = 0.0f;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, finite_abs(value(j)));
+    for (int64_t v = threadIdx.x; v < n / W; v += blockDim.x) {
+      value(v, vals);
+#pragma unroll
+      for (int i = 0; i < W; ++i) m = fmaxf(m, finite_abs(vals[i]));
+    }
     m = block_max(m);
     if constexpr (Q == RowQuant::kTensorAmax) {
       if (threadIdx.x == 0) atomic_amax(out.amax, m);
@@ -96,7 +116,10 @@ __device__ __forceinline__ void quantize_row(F value, int64_t n, int64_t r, cons
     if (threadIdx.x == 0) out.scale[r] = scale;
   }
   uint8_t* q = out.q + r * n;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) q[j] = to_e4m3(value(j), scale);
+  for (int64_t v = threadIdx.x; v < n / W; v += blockDim.x) {
+    value(v, vals);
+    store_codes<W>(q + v * W, vals, scale);
+  }
 }
 
 // Runs a row kernel for the quantization `out.kind` asks: per token in one launch; per tensor

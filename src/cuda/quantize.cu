@@ -25,7 +25,7 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int64_t x_stride, 
   const int64_t t = blockIdx.x;
   const float rs = row_scale ? row_scale[t * scale_stride] : 1.0f;
   const T* row = x + t * x_stride;
-  quantize_row<Q>([&](int64_t h) { return load_float(row, h) * rs; }, H, t, out);
+  quantize_row<Q, 1>([&](int64_t h, float(&v)[1]) { v[0] = load_float(row, h) * rs; }, H, t, out);
 }
 
 // The whole [M, H] tensor in one block: its amax, then its codes with the scale of that amax.

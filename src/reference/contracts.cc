@@ -402,6 +402,26 @@ std::optional<std::string> refusal(std::string_view message, int64_t H, int64_t 
   return std::nullopt;
 }
 
+// Fits experts to the activation format of the prepare/finalize they run behind: batched
+// experts as they are, standard ones behind a batched prepare/finalize through
+// make_batched_experts -- on the host only, where it reads the counts. Returns why the two
+// cannot meet (the case is then not applicable), or nullopt.
+std::optional<std::string> fit_format(const PrepareFinalize& pf, DeviceType device,
+                                      std::shared_ptr<Experts>& ex) {
+  const ActivationFormat produced = pf.activation_format(), taken = ex->activation_format();
+  if (produced == taken) return std::nullopt;
+  const bool adaptable = produced == ActivationFormat::kBatched && device == DeviceType::kCPU;
+  if (adaptable) {
+    ex = make_batched_experts(ex);
+    return std::nullopt;
+  }
+  return detail::concat(
+      "the activation formats do not meet: prepare/finalize '", pf.name(), "' produces ",
+      name(produced), " activations, experts '", ex->name(), "' take ", name(taken),
+      produced == ActivationFormat::kBatched ? " (make_batched_experts adapts host experts only)"
+                                             : "");
+}
+
 Tensor run_kernel(const CaseKernels& k, ModularKernel& kernel, const Tensor& x,
                   const Routing& rt, int64_t key_offset) {
   return k.device->forward(kernel, {x.view(), rt.topk_ids.view(), rt.topk_weights.view(), {},
@@ -546,11 +566,12 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
     MOEKIT_CHECK(pe.device == ee.device, "check: experts '", ee.name, "' run on ",
                  device_name(ee.device), ", prepare/finalize '", pe.name, "' on ",
                  device_name(pe.device));
-    // The single-rank kernel's: the first in-process entry of the device ("local", "cuda-local").
-    const auto local = std::find_if(registry.begin(), registry.end(), [&](const auto& e) {
-      return !e.distributed && e.device == ee.device;
-    });
-    MOEKIT_CHECK(local != registry.end(), "check: no in-process prepare/finalize on ",
+    // The single-rank kernel's: the first in-process entry of the device whose activation
+    // format the experts take ("local", "cuda-local"; "cuda-batched-local" for batched experts).
+    std::vector<const PrepareFinalizeEntry*> in_process;
+    for (const PrepareFinalizeEntry& e : registry)
+      if (!e.distributed && e.device == ee.device) in_process.push_back(&e);
+    MOEKIT_CHECK(!in_process.empty(), "check: no in-process prepare/finalize on ",
                  device_name(ee.device));
     const RouterConfig rc = router_config(c.routing, o.num_experts, o.top_k);
     weights = make_random_weights(o.num_experts, o.hidden, o.intermediate, c.activation, c.format,
@@ -586,11 +607,43 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
     for (int r : kernel_ranks) experts.push_back(make_experts(*map, r));
     const bool single = o.communicator || c.ranks > 1;
     std::shared_ptr<Experts> single_experts = single ? make_experts(single_map, 0) : nullptr;
+    // Each kernel's prepare/finalize, with its experts fitted to its activation format; a pair
+    // whose formats cannot meet makes the case not applicable. An in-process entry's kernels
+    // take every row of a forward (at most max_tokens_of(o)).
+    struct Part {
+      std::shared_ptr<PrepareFinalize> pf;
+      std::shared_ptr<Experts> experts;
+      bool one_round_of_max;  // low-latency: one round of at most max_tokens rows
+    };
+    auto pair = [&](const PrepareFinalizeEntry& entry, const ExpertMap& m, int rank,
+                    std::shared_ptr<Experts> ex, std::string& why) -> std::optional<Part> {
+      auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr,
+                           entry.distributed ? max_tokens : max_tokens_of(o));
+      if (auto r = fit_format(*pf, ee.device, ex)) {
+        why = *r;
+        return std::nullopt;
+      }
+      const bool batched = pf->activation_format() == ActivationFormat::kBatched;
+      return Part{pf, ex, entry.distributed && batched};
+    };
+    std::vector<Part> parts;
+    std::optional<Part> single_part;
+    for (size_t i = 0; i < kernel_ranks.size() && refused.empty(); ++i)
+      if (auto part = pair(pe, *map, kernel_ranks[i], experts[i], refused))
+        parts.push_back(*part);
+    if (single && refused.empty()) {
+      std::string why, first_why;  // the first entry's reason, when no entry fits
+      for (const PrepareFinalizeEntry* entry : in_process) {
+        if ((single_part = pair(*entry, single_map, 0, single_experts, why))) break;
+        if (first_why.empty()) first_why = why;
+      }
+      if (!single_part) refused = first_why;
+    }
     if (o.communicator) {
       int refused_ranks = 0;
       for (int refusing : o.communicator->all_gather(int(!refused.empty())))
         refused_ranks += refusing;
-      if (refused_ranks && refused.empty()) refused = "another rank's experts refused the case";
+      if (refused_ranks && refused.empty()) refused = "another rank refused the case";
     }
     if (!refused.empty()) {
       for (CaseResult& r : results) {
@@ -599,18 +652,14 @@ std::vector<CaseResult> run_case(const CheckCase& c, const CheckOptions& o) {
       }
       return results;
     }
-    auto build = [&](const PrepareFinalizeEntry& entry, const ExpertMap& m, int rank,
-                     std::shared_ptr<Experts> ex) {
-      auto pf = entry.make(m, rank, entry.distributed ? comm : nullptr, max_tokens);
-      const bool batched = pf->activation_format() == ActivationFormat::kBatched;
-      if (batched) ex = make_batched_experts(ex);
+    auto build = [&](const Part& part) {
       return std::make_unique<ModularKernel>(
-          pf, ex, wr,
-          kernels.device->kernel_config(rc.top_k, c.dtype, batched ? max_tokens : chunk));
+          part.pf, part.experts, wr,
+          kernels.device->kernel_config(rc.top_k, c.dtype,
+                                        part.one_round_of_max ? max_tokens : chunk));
     };
-    for (size_t i = 0; i < kernel_ranks.size(); ++i)
-      kernels.ranks.push_back(build(pe, *map, kernel_ranks[i], experts[i]));
-    if (single) kernels.single = build(*local, single_map, 0, single_experts);
+    for (const Part& part : parts) kernels.ranks.push_back(build(part));
+    if (single_part) kernels.single = build(*single_part);
     // Naive EP sums per-rank partials; the others reduce every token's slots on its owner.
     kernels.bit_exact = ee.batch_invariant && c.prepare_finalize != "naive" &&
                         !per_call_intermediate(c.format);

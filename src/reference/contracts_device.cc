@@ -47,6 +47,12 @@ class HostDevice final : public CaseDevice {
 // Small-batch experts up to this many dispatched rows, grouped GEMM above: between the 7 and 19
 // tokens of the suite's sweep, so one case runs both.
 constexpr int64_t kCudaFallbackSmallTokens = 8;
+// Batched experts take their path from the rows offered, E_local x N, where N (rows per expert)
+// is fixed when the kernel is built (the suite's largest token count), not by a forward's
+// tokens: "cuda-batched" takes the small-batch path up to this many rows -- above all the
+// suite's shapes give (E = 8 x 111 tokens = 888) -- and "cuda-batched-grouped" always the
+// grouped GEMM.
+constexpr int64_t kCudaBatchedSmallRows = int64_t{1} << 16;
 
 // The layer on the current CUDA device: each host tensor of the weights (codes, scales, biases)
 // copied once; the kernels' inputs and outputs copied per forward. Copies are synchronous, and
@@ -130,6 +136,14 @@ void add_cuda_experts(std::vector<ExpertsEntry>& entries) {
   add("cuda", false, [](const ExpertWeights& w, const Activation& act) {
     return make_cuda_experts(w, act, kCudaFallbackSmallTokens);
   });
+  // Batched format, behind cuda-batched-local: on the small-batch path each row is computed on
+  // its own, as above; the grouped GEMM's rows are not claimed batch-invariant.
+  add("cuda-batched", true, [](const ExpertWeights& w, const Activation& act) {
+    return make_cuda_batched_experts(w, act, kCudaBatchedSmallRows);
+  });
+  add("cuda-batched-grouped", false, [](const ExpertWeights& w, const Activation& act) {
+    return make_cuda_batched_experts(w, act, 0);
+  });
 #else
   (void)entries;
 #endif
@@ -141,6 +155,12 @@ void add_cuda_prepare_finalize(std::vector<PrepareFinalizeEntry>& entries) {
   entries.push_back({"cuda-local",
                      [](const ExpertMap& map, int rank, std::shared_ptr<Communicator>, int64_t) {
                        return make_cuda_prepare_finalize(map, rank);
+                     },
+                     false, DeviceType::kCUDA});
+  entries.push_back({"cuda-batched-local",
+                     [](const ExpertMap& map, int rank, std::shared_ptr<Communicator>,
+                        int64_t max_tokens) {
+                       return make_cuda_batched_prepare_finalize(map, rank, max_tokens);
                      },
                      false, DeviceType::kCUDA});
 #else
