@@ -22,6 +22,8 @@ template <typename T, RowQuant Q>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int64_t x_stride, int64_t H,
                                      const float* __restrict__ row_scale, int64_t scale_stride,
                                      Fp8Rows out) {
+  grid_dependency_wait();  // x may come from the kernel just before (chained launch)
+  launch_dependents();
   const int64_t t = blockIdx.x;
   const float rs = row_scale ? row_scale[t * scale_stride] : 1.0f;
   const T* row = x + t * x_stride;
@@ -34,6 +36,8 @@ __global__ void quantize_tensor_one_block_kernel(const T* __restrict__ x, int64_
                                                  int64_t M, int64_t H,
                                                  const float* __restrict__ row_scale,
                                                  int64_t scale_stride, Fp8Rows out) {
+  grid_dependency_wait();
+  launch_dependents();
   const int n = static_cast<int>(M * H);  // <= kOneBlockElements
   const int h = static_cast<int>(H);
   auto value = [&](int i) {
@@ -58,16 +62,16 @@ void quantize_rows_fp8(const void* x, DType x_dtype, int64_t x_stride, int64_t M
   with_float_type(x_dtype, [&](auto tag) {
     using T = decltype(tag);
     if (out.kind == ScaleKind::kTensor && !out.static_scale && M * H <= kOneBlockElements) {
-      quantize_tensor_one_block_kernel<T><<<1, kOneBlockThreads, 0, stream>>>(
-          static_cast<const T*>(x), x_stride, M, H, row_scale, scale_stride, out);
-      MOEKIT_CUDA_CHECK_LAUNCH();
+      launch_chained(quantize_tensor_one_block_kernel<T>, 1, kOneBlockThreads, 0, stream,
+                     static_cast<const T*>(x), x_stride, M, H, row_scale, scale_stride, out);
       return;
     }
+    // Chained (device.cuh): at decode these launches sit between the id map, the experts' GEMMs
+    // and each other, and a plain launch waits for the previous kernel's last block to retire.
     launch_quantized(out, stream, [&](auto q) {
-      quantize_rows_kernel<T, decltype(q)::value>
-          <<<static_cast<unsigned>(M), kThreads, 0, stream>>>(static_cast<const T*>(x), x_stride, H,
-                                                              row_scale, scale_stride, out);
-      MOEKIT_CUDA_CHECK_LAUNCH();
+      launch_chained(quantize_rows_kernel<T, decltype(q)::value>, static_cast<unsigned>(M),
+                     kThreads, 0, stream, static_cast<const T*>(x), x_stride, H, row_scale,
+                     scale_stride, out);
     });
   });
 }

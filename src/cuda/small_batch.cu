@@ -150,6 +150,15 @@ __device__ __forceinline__ float scale_at(RowScale s, int64_t row) {
   return s.scale ? s.scale[row * s.stride] : 1.0f;
 }
 
+// Rows [num_pairs, n] of `out` for pairs computed nowhere (id -1; ids past E_local are treated
+// alike) get zeros, spread over the grid's blocks.
+template <typename T>
+__device__ void zero_unrouted_rows(const int32_t* ids_s, int num_pairs, int64_t n, T* out) {
+  for (int p = blockIdx.x; p < num_pairs; p += gridDim.x)
+    if (ids_s[p] < 0)
+      for (int64_t i = threadIdx.x; i < n; i += kThreads) store_float(out, p * n + i, 0.0f);
+}
+
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
 // warp of the grid. A GEMM1 task is intermediate column j (gate and up rows; non-gated: columns
 // 2j, 2j+1); a GEMM2 task is kRows2<T> consecutive output rows. kUnroll*: 16-byte chunks per row
@@ -174,6 +183,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
+  // h rows of unrouted pairs: zeros, which the e4m3 requantization reads (amax, codes).
+  zero_unrouted_rows(ids_s, num_pairs, I, h);
   const int64_t tasks = act.gated ? I : I / 2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -237,10 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* w2 = static_cast<const T*>(w.w2);
   grid_dependency_wait();  // h comes from gemm1 (or its requantization)
   launch_dependents();
-  // Pairs computed nowhere (id -1; ids past E_local are treated alike) get rows of zeros.
-  for (int p = blockIdx.x; p < num_pairs; p += gridDim.x)
-    if (ids_s[p] < 0)
-      for (int64_t i = threadIdx.x; i < H; i += kThreads) out[p * H + i] = 0.0f;
+  zero_unrouted_rows(ids_s, num_pairs, H, out);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
@@ -336,11 +344,10 @@ void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stri
     using T = decltype(tag);
     const T* x = static_cast<const T*>(a1);
     if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
-      // h in fp32, every row zero first: pairs with id -1 are never written, and the amax of a
-      // per-tensor scale (or a per-token scale) must not read garbage there.
+      // h in fp32 (gemm1 writes zeros on the rows of pairs with id -1, so that the amax of a
+      // per-tensor scale, or a per-token scale, never reads garbage), requantized into h8.
       const int64_t P = M * k, I = w.intermediate;
       float* h = static_cast<float*>(buf.h);
-      MOEKIT_CUDA_CHECK(cudaMemsetAsync(h, 0, P * I * sizeof(float), stream));
       const Fp8Rows q{.q = buf.h8, .kind = w.a2_scale, .scale = buf.h_scale, .amax = buf.amax};
       const RowScale h_scale{buf.h_scale, w.a2_scale == ScaleKind::kToken ? 1 : 0};
       run_small_batch<T, float>(
