@@ -102,7 +102,7 @@ check::CheckOptions suite_options(const CheckCommandOptions& o) {
 // A case's verdict over the ranks that ran it (trivially copyable: the ranks gather theirs).
 struct CaseOutcome {
   int passed = 0, failed = 0, not_applicable = 0;  // ranks
-  double max_err = 0, bound = 0, closeness = -1;  // of the closest call
+  double max_err = 0, bound = 0, closeness = -1;   // of the closest call
 
   void add(const CaseOutcome& o) {
     passed += o.passed;
@@ -184,7 +184,8 @@ int run_check(const CheckCommandOptions& o) {
     std::cout << total.passed << " passed, " << total.failed << " failed";
     if (total.not_applicable)
       std::cout << ", " << total.not_applicable
-                << " not applicable (the experts refuse the format or the shape)";
+                << " not applicable (the experts refuse the format or the shape, or their "
+                   "activation format does not meet the prepare/finalize's)";
     if (job) std::cout << " (each case counted on each of the " << job->size() << " ranks)";
     std::cout << "\n";
     if (shape_refused)
