@@ -145,9 +145,9 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
 }
 
 size_t expert_gemms_workspace(DType ab, int num_groups) {
-  return std::max({grouped_gemm1_for(ab).workspace(num_groups),
-                   grouped_gemm_for(ab, true).workspace(num_groups),
-                   grouped_gemm_for(ab, gemm2_out(ab) == DType::kF32).workspace(num_groups)});
+  // GEMM2 runs GEMM1's configuration (its rounded bf16 output) or the fp32-out one.
+  return std::max(grouped_gemm1_for(ab).workspace(num_groups),
+                  grouped_gemm_for(ab, true).workspace(num_groups));
 }
 
 void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, const ExpertGemms& g,
