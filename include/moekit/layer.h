@@ -86,7 +86,7 @@ struct CudaLayerOptions {
 // small-batch streams each active expert's weights once per few rows, the grouped GEMM once per
 // tile of rows at a fixed cost of sorting and launches, so the crossover is at about one row per
 // expert on average: rows * k <= E_local, i.e. rows <= max(1, E_local / k). Measured on H100
-// (bench/notes_cuda.md): one row per expert (qwen3 at 16 tokens) favours small-batch; two
+// (bench/notes_cuda_v1-v7.md): one row per expert (qwen3 at 16 tokens) favours small-batch; two
 // (deepseek-v3 at 64 tokens: 3.9 per active expert, 6.75 ms vs 6.0 ms grouped at 256 tokens) and
 // four (mixtral at 16 tokens) the grouped GEMM.
 int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k);
