@@ -20,13 +20,11 @@
 #include "moekit/dist/ep.h"
 #include "moekit/layer.h"
 #include "moekit/quant/quantize.h"
+#include "support/cuda_test_support.h"
 #include "support/test_support.h"
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 constexpr int kLocal = 8;  // E_local of every test
 // max_small_rows that force one path.
@@ -348,29 +346,17 @@ TEST(CudaBatched, GraphReplaysOnNewInputsAndCounts) {
       const Batch second(l, N, {6, 0, 2, 5, 0, 1, 3, 6}, 33);
       DeviceWorkspace ws(*experts, kLocal * N);
       const CudaTensor out = poisoned_out(captured);
-      cudaStream_t stream = nullptr;
-      ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-      try {
+      test::CapturedGraph graph([&](cudaStream_t stream) {
         Workspace w = ws.get();
         experts->apply(captured.device(), out, w, ExecContext{stream});
-      } catch (const Error& e) {
-        ADD_FAILURE() << "apply during capture: " << e.what();
-      }
-      ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      });
+      ASSERT_TRUE(graph.ok());
       for (const Batch* b : std::initializer_list<const Batch*>{&captured, &second}) {
         captured.load(*b);
         EXPECT_EQ(cudaMemset(out.view().data, 0xff, out.view().nbytes()), cudaSuccess);
-        EXPECT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        ASSERT_TRUE(graph.replay());
         EXPECT_TRUE(matches(out.to_host(), oracle(l, where.map, where.rank, *b), l, *b));
       }
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
-      cudaStreamDestroy(stream);
     }
 }
 

@@ -20,13 +20,11 @@
 #include "moekit/cuda.h"
 #include "moekit/quant/quantize.h"
 #include "moekit/reference.h"
+#include "support/cuda_test_support.h"
 #include "support/test_support.h"
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 // max_small_rows of the batched experts that force one path.
 constexpr int64_t kAlwaysSmall = std::numeric_limits<int64_t>::max();
@@ -495,29 +493,17 @@ TEST(CudaBatchedPrepareFinalize, GraphReplaysOnNewInputs) {
       const PlacementCase where = placements()[2];
       auto mk = l.kernel(where.map, where.rank, max_small, 16, 16);
       const CudaTensor y(l.dtype(), {l.M, Layer::kLayerH});
-      cudaStream_t stream = nullptr;
-      ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-      try {
+      test::CapturedGraph graph([&](cudaStream_t stream) {
         mk->forward({l.d_x, l.d_ids, l.d_weights, y}, ExecContext{stream});
-      } catch (const Error& e) {
-        ADD_FAILURE() << "forward during capture: " << e.what();
-      }
-      ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      });
+      ASSERT_TRUE(graph.ok());
       for (uint64_t seed : {41, 42}) {
         if (seed != 41) l.load(seed);
         ASSERT_EQ(cudaMemset(y.view().data, 0xff, y.view().nbytes()), cudaSuccess);
-        ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        ASSERT_TRUE(graph.replay());
         EXPECT_TRUE(l.matches(y.to_host(), l.oracle(where.map, where.rank))) << "seed " << seed;
       }
       EXPECT_EQ(cuda_bad_id_count(mk->prepare_finalize()), 0);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
-      cudaStreamDestroy(stream);
     }
 }
 

@@ -12,13 +12,11 @@
 
 #include "moekit/check.h"
 #include "moekit/cuda.h"
+#include "support/cuda_test_support.h"
 #include "support/test_support.h"
 
 namespace moekit::test {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 const std::vector<std::string> kCudaExperts = {"cuda-small-batch",  "cuda-small-batch-reduced",
                                                "cuda-grouped-gemm", "cuda",

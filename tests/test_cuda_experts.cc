@@ -14,13 +14,11 @@
 #include "moekit/cpu.h"
 #include "moekit/cuda.h"
 #include "moekit/quant/quantize.h"
+#include "support/cuda_test_support.h"
 #include "support/test_support.h"
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 // Formats a test layer runs in: its float dtype, or bf16 x and weights quantized on the host.
 struct FormatSpec {
@@ -555,32 +553,21 @@ TEST(CudaModularKernel, GraphReplaysOnNewInputs) {
     for (const ExpertsKind& kind : experts_kinds()) {
       SCOPED_TRACE(std::string(name) + " " + kind.name);
       auto mk = device_kernel(d, first, where, kind, chunk_for(d, 16));
-      Stream stream;
       CudaTensor y(first.x.dtype(), {spec.tokens, spec.hidden});
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      ASSERT_EQ(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeGlobal), cudaSuccess);
-      try {
-        mk->forward(args_of(d, y), ExecContext{stream.s});
-      } catch (const Error& e) {
-        ADD_FAILURE() << "forward during capture: " << e.what();
-      }
-      ASSERT_EQ(cudaStreamEndCapture(stream.s, &graph), cudaSuccess);
-      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      test::CapturedGraph graph(
+          [&](cudaStream_t stream) { mk->forward(args_of(d, y), ExecContext{stream}); });
+      ASSERT_TRUE(graph.ok());
       for (const test::TestLayer* l : {&first, &second}) {
         copy_to_device(l->x, d.x);
         copy_to_device(l->routing.topk_ids, d.ids);
         copy_to_device(l->routing.topk_weights, d.weights);
         EXPECT_EQ(cudaMemset(y.view().data, 0xff, y.view().nbytes()), cudaSuccess);
-        EXPECT_EQ(cudaGraphLaunch(exec, stream.s), cudaSuccess);
-        ASSERT_EQ(cudaStreamSynchronize(stream.s), cudaSuccess);
+        ASSERT_TRUE(graph.replay());
         const Tensor got = y.to_host();
         const ExpertWeights weights = first.weights.view();
         EXPECT_TRUE(matches(got, oracle(*l, d, &where.map, where.rank, &weights), *l, d));
       }
       EXPECT_EQ(cuda_bad_id_count(mk->prepare_finalize()), 0);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
     }
   }
 }

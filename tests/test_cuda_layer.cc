@@ -5,16 +5,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 
 #include "moekit/check.h"
 #include "moekit/cuda.h"
 #include "moekit/layer.h"
+#include "support/cuda_test_support.h"
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 constexpr int kE = 32, kK = 4;
 constexpr int64_t kH = 256, kI = 128, kM = 37;
@@ -56,8 +55,10 @@ struct Inputs {
 TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
   SKIP_WITHOUT_CUDA();
   const MoELayerConfig config = deepseek_like();
-  const check::LayerWeights host = check::make_random_weights(kE, kH, kI, {}, DType::kBF16, false, 5);
-  const check::LayerWeights shared = check::make_random_weights(1, kH, kI, {}, DType::kBF16, false, 6);
+  const check::LayerWeights host =
+      check::make_random_weights(kE, kH, kI, {}, DType::kBF16, false, 5);
+  const check::LayerWeights shared =
+      check::make_random_weights(1, kH, kI, {}, DType::kBF16, false, 6);
   Tensor bias(DType::kF32, {kE});
   check::fill_uniform(bias, 9, -0.3, 0.3);
   CpuLayerOptions cpu;
@@ -70,27 +71,22 @@ TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
 
   const CudaTensor x(DType::kBF16, {kM, kH}), logits(DType::kF32, {kM, kE}),
       y(DType::kBF16, {kM, kH});
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
+  std::unique_ptr<test::CapturedGraph> graph;
   for (uint64_t round = 0; round < 3; ++round) {
     const Inputs in(100 + round);
     copy_to_device(in.x, x);
     copy_to_device(in.logits, logits);
     if (round == 0) {
       // Direct call first, then capture the same forward into a graph for the later rounds.
-      gpu_layer->forward(x, logits, y, {stream});
-      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-      gpu_layer->forward(x, logits, y, {stream});
-      ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      gpu_layer->forward(x, logits, y, {});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      graph = std::make_unique<test::CapturedGraph>(
+          [&](cudaStream_t stream) { gpu_layer->forward(x, logits, y, {stream}); });
+      ASSERT_TRUE(graph->ok());
     } else {
-      ASSERT_EQ(cudaMemsetAsync(y.data<void>(), 0xff, y.view().nbytes(), stream), cudaSuccess);
-      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      ASSERT_EQ(cudaMemset(y.data<void>(), 0xff, y.view().nbytes()), cudaSuccess);
+      ASSERT_TRUE(graph->replay());
     }
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     Tensor want(DType::kBF16, {kM, kH});
     cpu_layer->forward(in.x, in.logits, want);
     Tensor got(DType::kBF16, {kM, kH});
@@ -98,9 +94,6 @@ TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
     // Both sides round to bf16 at the intermediate and the output; routing is the same.
     EXPECT_LT(max_row_error(got, want), 2e-2) << "round " << round;
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 // Pure host arithmetic: runs without a GPU too.

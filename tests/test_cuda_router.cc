@@ -10,12 +10,10 @@
 #include "moekit/check.h"
 #include "moekit/cuda.h"
 #include "moekit/router.h"
+#include "support/cuda_test_support.h"
 
 namespace moekit {
 namespace {
-
-#define SKIP_WITHOUT_CUDA() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: CUDA tests skipped"
 
 struct Case {
   RoutingMethod method;
