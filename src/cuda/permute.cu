@@ -263,10 +263,10 @@ void sort_by_expert(const int32_t* ids, int64_t ids_stride, int64_t M, int k, in
                     void* a_sorted, float* sorted_scale, cudaStream_t stream) {
   const int64_t pairs = M * k;
   if (pairs == 0 || num_local == 0) return;
-  MOEKIT_CUDA_CHECK(cudaMemsetAsync(counts, 0, num_local * sizeof(int32_t), stream));
   const size_t histogram = num_local * sizeof(int32_t);
   MOEKIT_CHECK(histogram <= kMaxHistogramBytes, "sort by expert: ", num_local,
                " local experts need a histogram of more than ", kMaxHistogramBytes, " bytes");
+  MOEKIT_CUDA_CHECK(cudaMemsetAsync(counts, 0, num_local * sizeof(int32_t), stream));
   count_kernel<<<blocks_for(pairs, kThreads), kThreads, histogram, stream>>>(ids, ids_stride, pairs,
                                                                              k, num_local, counts);
   MOEKIT_CUDA_CHECK_LAUNCH();
