@@ -23,7 +23,10 @@ class GroupedGemmExperts final : public CudaExpertsBase {
  public:
   GroupedGemmExperts(const ExpertWeights& w, const Activation& act,
                      const TensorView& static_act_scale)
-      : CudaExpertsBase("cuda-grouped-gemm", w, act, static_act_scale) {}
+      : CudaExpertsBase("cuda-grouped-gemm", w, act, static_act_scale) {
+    MOEKIT_CHECK(info_.num_local_experts <= kMaxSortExperts, name_, ": ", info_.num_local_experts,
+                 " local experts, at most ", kMaxSortExperts);
+  }
 
   std::string_view name() const override { return name_; }
   TopKWeightApplied weight_application() const override {

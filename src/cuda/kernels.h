@@ -131,6 +131,10 @@ void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stri
 
 // ---- grouped-GEMM experts: sorting by expert and the element-wise stages --------------------
 
+// The most local experts sort_by_expert takes (its count kernel keeps a shared-memory histogram
+// of one int per local expert, in the 48 KB a block gets without opting in).
+constexpr int64_t kMaxSortExperts = 48 * 1024 / 4;
+
 // Counting sort of the M * k (token, slot) pairs by local expert (pairs with id -1 dropped).
 // counts, offsets: [E_local] int32; pair_pos: [M * k] row of each pair in sorted order (-1:
 // dropped); a_sorted: [M * k, row_bytes] bytes, row r = a1 row of the token of the pair at r

@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kScanThreads = 1024;
-constexpr size_t kMaxHistogramBytes = 48 * 1024;  // what a block gets without opting in
 
 // The bias the unpermute adds to a gathered row: b2 of the slot's local expert (b2 null: none).
 struct SlotBias {
@@ -263,12 +262,11 @@ void sort_by_expert(const int32_t* ids, int64_t ids_stride, int64_t M, int k, in
                     void* a_sorted, float* sorted_scale, cudaStream_t stream) {
   const int64_t pairs = M * k;
   if (pairs == 0 || num_local == 0) return;
-  const size_t histogram = num_local * sizeof(int32_t);
-  MOEKIT_CHECK(histogram <= kMaxHistogramBytes, "sort by expert: ", num_local,
-               " local experts need a histogram of more than ", kMaxHistogramBytes, " bytes");
+  MOEKIT_CHECK(num_local <= kMaxSortExperts, "sort by expert: ", num_local,
+               " local experts, at most ", kMaxSortExperts);
   MOEKIT_CUDA_CHECK(cudaMemsetAsync(counts, 0, num_local * sizeof(int32_t), stream));
-  count_kernel<<<blocks_for(pairs, kThreads), kThreads, histogram, stream>>>(ids, ids_stride, pairs,
-                                                                             k, num_local, counts);
+  count_kernel<<<blocks_for(pairs, kThreads), kThreads, num_local * sizeof(int32_t), stream>>>(
+      ids, ids_stride, pairs, k, num_local, counts);
   MOEKIT_CUDA_CHECK_LAUNCH();
   scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_local, offsets, cursor);
   MOEKIT_CUDA_CHECK_LAUNCH();
