@@ -13,7 +13,8 @@ out=${OUT:-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv | tee "$out/gpu.txt"
 build=build-cuda
-tests=(test_cuda_router test_cuda_layer test_cuda_experts test_cuda_batched test_cuda_contracts)
+tests=(test_cuda_router test_cuda_layer test_cuda_experts test_cuda_batched test_cuda_batched_pf
+       test_cuda_contracts)
 if [[ -n ${PREBUILT:-} ]] && "$PREBUILT/tests/test_cuda_experts" --gtest_list_tests >/dev/null 2>&1; then
   build=$PREBUILT
   echo "using the prebuilt $build"
@@ -37,13 +38,13 @@ if [[ $what == sanitize ]]; then
     compute-sanitizer --tool memcheck --error-exitcode 9 $build/tests/$t --gtest_brief=1 2>&1 |
       tee "$out/memcheck_$t.log" | tail -2
   done
-  for t in test_cuda_router test_cuda_layer; do
+  for t in test_cuda_router test_cuda_layer test_cuda_batched_pf; do
     compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 $build/tests/$t \
       --gtest_brief=1 2>&1 | tee "$out/racecheck_$t.log" | tail -2
   done
   compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
     $build/tests/test_cuda_experts --gtest_brief=1 \
-    --gtest_filter='Sweep/*_M1_*:Sweep/*_M19_*:Sweep/*small_batch*:CudaExperts.*:CudaPrepare.*:Placements/*M19' \
+    --gtest_filter='Sweep/*_M1_*:Sweep/*_M19_*:Sweep/*small_batch*:CudaExperts.*:CudaPrepare.*:CudaModularKernel.*:Placements/*M19' \
     2>&1 | tee "$out/racecheck_test_cuda_experts.log" | tail -2
   compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 \
     $build/tests/test_cuda_batched --gtest_brief=1 --gtest_filter='Sweep/*_N5_*:CudaBatched.*' \
