@@ -42,8 +42,9 @@ struct GroupedGemm {
 
 // One per grouped_gemm_sm90_<operands>_out_<output>.cu.
 extern const GroupedGemm kGroupedGemmBf16OutBf16, kGroupedGemmBf16OutF32;
+extern const GroupedGemm kGroupedGemmBf16OutBf16FewRows;
 extern const GroupedGemm kGroupedGemmF16OutF16, kGroupedGemmF16OutF32;
-extern const GroupedGemm kGroupedGemmE4m3OutF32;
+extern const GroupedGemm kGroupedGemmE4m3OutF32, kGroupedGemmE4m3OutF32FewRows;
 
 // The element GEMM1 writes for operands `ab`: the operand type for bf16 and fp16; fp32 for e4m3,
 // so that the intermediate is requantized from the values the oracle requantizes (a bf16 c1
@@ -60,12 +61,18 @@ inline DType gemm1_out(DType ab) {
 inline DType gemm2_out(DType ab) {
   return ab == DType::kBF16 ? ab : DType::kF32;
 }
-// The configuration for operands `ab` (kBF16, kF16, kF8E4M3): out_f32 for fp32 D (GEMM2, and
-// GEMM1 on e4m3), else D in the operand type.
-const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32);
+// Rows per group (on average) up to which bf16 GEMMs with bf16 output and e4m3 GEMMs take 64-row
+// pingpong tiles instead of 128-row cooperative ones. On an H200 the whole layer is 4-12 % faster
+// at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens bf16 -8 to -12 %, qwen3-30b-a3b fp8 64
+// tokens -14 %, deepseek-v3 64 and 256 tokens -3 to -4 %) and the bf16 GEMM alone was 2.4 %
+// slower at 64 rows per expert, up to 28 % slower from 256 (bench/notes_cuda.md v10, v12).
+inline constexpr int64_t kFewRowsPerGroup = 32;
+// The configuration for operands `ab` (kBF16, kF16, kF8E4M3) over groups of rows_per_group rows
+// on average: out_f32 for fp32 D (GEMM2, and GEMM1 on e4m3), else D in the operand type.
+const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32, int64_t rows_per_group);
 // GEMM1's configuration (D of gemm1_out(ab)) and its bytes per element.
-inline const GroupedGemm& grouped_gemm1_for(DType ab) {
-  return grouped_gemm_for(ab, gemm1_out(ab) == DType::kF32);
+inline const GroupedGemm& grouped_gemm1_for(DType ab, int64_t rows_per_group) {
+  return grouped_gemm_for(ab, gemm1_out(ab) == DType::kF32, rows_per_group);
 }
 inline int64_t gemm1_out_bytes(DType ab) {
   return traits(gemm1_out(ab)).bits / 8;
@@ -76,7 +83,8 @@ inline int64_t gemm1_out_bytes(DType ab) {
 //   (a2_scale and amax for e4m3) --GEMM2--> d [rows, H] (no b2) in fp32, or in gemm2_out when
 //   d_rounded.
 // c1 and d may share memory, as may a and a2 (each is consumed before the other is written, on
-// one stream). gemm: the GEMMs' workspace of gemm_bytes.
+// one stream). gemm: the GEMMs' workspace of gemm_bytes. rows (run_expert_gemms): the rows
+// reserved over all groups; rows / num_groups picks the tiles (grouped_gemm_for).
 struct ExpertGemms {
   const int32_t* counts;
   const int32_t* offsets;

@@ -131,14 +131,18 @@ class GroupedGemmExperts final : public CudaExpertsBase {
 
 namespace moekit::cuda {
 
-const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
+const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32, int64_t rows_per_group) {
   switch (ab) {
     case DType::kBF16:
-      return out_f32 ? kGroupedGemmBf16OutF32 : kGroupedGemmBf16OutBf16;
+      if (out_f32) return kGroupedGemmBf16OutF32;
+      return rows_per_group <= kFewRowsPerGroup ? kGroupedGemmBf16OutBf16FewRows
+                                                : kGroupedGemmBf16OutBf16;
     case DType::kF16:
       return out_f32 ? kGroupedGemmF16OutF32 : kGroupedGemmF16OutF16;
     case DType::kF8E4M3:
-      if (out_f32) return kGroupedGemmE4m3OutF32;
+      if (out_f32)
+        return rows_per_group <= kFewRowsPerGroup ? kGroupedGemmE4m3OutF32FewRows
+                                                  : kGroupedGemmE4m3OutF32;
       break;
     default:
       break;
@@ -148,14 +152,19 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32) {
 }
 
 size_t expert_gemms_workspace(DType ab, int num_groups) {
-  // GEMM2 runs GEMM1's configuration (its rounded bf16 output) or the fp32-out one.
-  return std::max(grouped_gemm1_for(ab).workspace(num_groups),
-                  grouped_gemm_for(ab, true).workspace(num_groups));
+  // GEMM2 runs GEMM1's configuration (its rounded bf16 output) or the fp32-out one; either may
+  // take the few-rows tiles or not.
+  size_t bytes = 0;
+  for (int64_t rows_per_group : {int64_t(0), kFewRowsPerGroup + 1})
+    bytes = std::max({bytes, grouped_gemm1_for(ab, rows_per_group).workspace(num_groups),
+                      grouped_gemm_for(ab, true, rows_per_group).workspace(num_groups)});
+  return bytes;
 }
 
 void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, const ExpertGemms& g,
                       cudaStream_t stream) {
   const int64_t H = w.hidden, I = w.intermediate;
+  const int64_t per_group = rows / std::max(1, num_groups);
   const GroupedGemmArgs g1{.num_groups = num_groups,
                            .n = w.activation.w13_rows(I),
                            .k = H,
@@ -169,7 +178,7 @@ void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, cons
                            .d = g.c1,
                            .a_scale = g.a_scale,
                            .b_scale = w.s13};
-  grouped_gemm1_for(w.elem).run(g1, g.gemm, g.gemm_bytes, stream);
+  grouped_gemm1_for(w.elem, per_group).run(g1, g.gemm, g.gemm_bytes, stream);
   grouped_activation(w, g.c1, g.counts, g.offsets, rows, g.a2, g.a2_scale, g.amax, stream);
   const GroupedGemmArgs g2{.num_groups = num_groups,
                            .n = H,
@@ -184,7 +193,7 @@ void run_expert_gemms(const DeviceWeights& w, int num_groups, int64_t rows, cons
                            .d = g.d,
                            .a_scale = {g.a2_scale, w.a2_scale == ScaleKind::kToken ? 1 : 0},
                            .b_scale = w.s2};
-  grouped_gemm_for(w.elem, !g.d_rounded || gemm2_out(w.elem) == DType::kF32)
+  grouped_gemm_for(w.elem, !g.d_rounded || gemm2_out(w.elem) == DType::kF32, per_group)
       .run(g2, g.gemm, g.gemm_bytes, stream);
 }
 

@@ -51,7 +51,10 @@ struct ScaledEpilogue {
                 Node<Multiply<float>, TensorScale, cutlass::epilogue::fusion::Sm90AccFetch>>>;
 };
 
-template <typename ElementAB_, typename ElementD, typename TileShape, typename ClusterShape>
+// kPingpong: the two consumer warpgroups take alternate tiles of 64 rows (one's epilogue under the
+// other's mainloop) instead of sharing one tile of 128 rows (cooperative).
+template <typename ElementAB_, typename ElementD, typename TileShape, typename ClusterShape,
+          bool kPingpong = false>
 struct GroupedGemmSm90 {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
   using ElementAB = ElementAB_;
@@ -69,7 +72,9 @@ struct GroupedGemmSm90 {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignD,
-      ElementD, LayoutD*, kAlignD, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      ElementD, LayoutD*, kAlignD,
+      std::conditional_t<kPingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                         cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>,
       Fusion>::CollectiveOp;
   // e4m3 operands accumulate in the tensor cores' fp32 accumulator throughout (the "fast
   // accumulation" schedule), as 16-bit operands do. CUTLASS's default fp8 mainloop instead adds
@@ -78,10 +83,14 @@ struct GroupedGemmSm90 {
   // slower than bf16 (mixtral-8x7b, 4096 tokens: 405 TFLOP/s against bf16's 646; qwen3-30b-a3b,
   // 256 tokens: 1.1 TB/s of weights). The precision cost shows in the bench's max_rel_err at
   // the presets' K (bench/notes_cuda.md).
-  using MainloopSchedule =
+  using MainloopSchedule = std::conditional_t<
+      kPingpong,
+      std::conditional_t<kScaled,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8FastAccum,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong>,
       std::conditional_t<kScaled,
                          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum,
-                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, LayoutA*, kAlignAB, ElementAB,
       LayoutB*, kAlignAB, float, TileShape, ClusterShape,
@@ -213,11 +222,11 @@ __global__ void grouped_gemm_setup(GroupedGemmArgs p, typename G::Arrays arr) {
   }
 }
 
-template <typename ElementAB, typename ElementD, typename TileShape, typename ClusterShape>
-void GroupedGemmSm90<ElementAB, ElementD, TileShape, ClusterShape>::run(const GroupedGemmArgs& p,
-                                                                        void* ws, size_t bytes,
-                                                                        cudaStream_t stream) {
-  using Self = GroupedGemmSm90<ElementAB, ElementD, TileShape, ClusterShape>;
+template <typename ElementAB, typename ElementD, typename TileShape, typename ClusterShape,
+          bool kPingpong>
+void GroupedGemmSm90<ElementAB, ElementD, TileShape, ClusterShape, kPingpong>::run(
+    const GroupedGemmArgs& p, void* ws, size_t bytes, cudaStream_t stream) {
+  using Self = GroupedGemmSm90<ElementAB, ElementD, TileShape, ClusterShape, kPingpong>;
   if (p.num_groups == 0) return;
   MOEKIT_CHECK(bytes >= workspace(p.num_groups), "grouped GEMM: workspace of ", bytes, " bytes, ",
                workspace(p.num_groups), " needed");
