@@ -1,95 +1,32 @@
 // Small-batch (decode) experts: few tokens, so the layer is bound by reading the active experts'
-// weights. Every weight row of an active expert is streamed from memory once (16-byte loads,
-// several in flight per lane) and applied to all of that expert's tokens; the work of all active
-// experts is spread over every SM. Two launches:
-//   gemm1: h[pair, j] = act(W13[e] gate_j . a1[t] + b, W13[e] up_j . a1[t] + b)
-//   gemm2: fused_out[pair, :] = W2[e] . h[pair] + b2[e]   (zeros for pairs with id -1)
-// where pair = t * k + s and e = ids[t, s]. Weights and activations are of one element type T
-// (bf16, fp16, e4m3); the dots run in fp32 on the stored codes, then take the weight row's scale
-// and the activation row's scale (e4m3; 1 for float formats). With e4m3, h is written in fp32
-// and requantized between the launches (as DeviceWeights::a2_scale says): fp8 weights halve the
-// bytes streamed, and W2 reads e4m3 activations like the grouped GEMM. Each block lists the active
-// experts on its own (a bitmap of the ids in shared memory), then its warps work persistently
-// through the items (active expert, rows); no sort or host round trip precedes the launches.
-// Both launches are chained (programmatic dependent launch, device.cuh): gemm2 is scheduled as
-// gemm1's blocks retire and lists its experts before waiting for h.
+// weights. Every weight row of an active expert is streamed from memory once and applied to all
+// of that expert's tokens; the work of all active experts is spread over every SM. Two launches
+// per token chunk, gemm1 and gemm2 (small_batch.cuh), where pair = t * k + s and e = ids[t, s].
+// Weights and activations are of one element type T (bf16, fp16, e4m3); the dots run in fp32 on
+// the stored codes, then take the weight row's scale and the activation row's scale (e4m3; 1 for
+// float formats). With e4m3, h is written in fp32 and requantized between the launches (as
+// DeviceWeights::a2_scale says): fp8 weights halve the bytes streamed, and W2 reads e4m3
+// activations like the grouped GEMM. Each block lists the active experts on its own (a bitmap of
+// the ids in shared memory), then its warps work persistently through the items (active expert,
+// rows); no sort or host round trip precedes the launches. Both launches are chained
+// (programmatic dependent launch, device.cuh): gemm2 is scheduled as gemm1's blocks retire and
+// lists its experts before waiting for h.
+// Two kernel families: this file's (16-byte loads straight into registers, dots on the CUDA
+// cores: the fewest instructions per weight byte when each row meets one token) for one token;
+// small_batch_mma.cu's (rows staged in shared memory, dots on the tensor cores, 16 tokens per
+// pass) for more, where fp32 dots per token would cost more issue slots than the loads.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
 
-#include "cuda/check.h"
-#include "cuda/device.cuh"
-#include "cuda/kernels.h"
+#include "cuda/small_batch.cuh"
 
 namespace moekit::cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * kWarp;
-constexpr int kTokens = 4;                    // tokens per pass over an item's rows
-constexpr int kMaxLocalExperts = kWarp * 32;  // the active-expert bitmap is one warp's words
+using namespace small_batch;
 
-// What every block computes once: the ids (as local experts, -1 when not computed here) and
-// the active experts in ascending order, in shared memory.
-struct Shared {
-  uint32_t bits[kWarp];
-  int32_t active[kMaxLocalExperts];
-  int num_active;
-};
-
-__device__ void load_routing(const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs,
-                             int k, int num_local, int32_t* ids_s, Shared& sh) {
-  const int tid = threadIdx.x;
-  if (tid < kWarp) sh.bits[tid] = 0;
-  __syncthreads();
-  for (int p = tid; p < num_pairs; p += kThreads) {
-    int32_t e = ids[(p / k) * ids_stride + p % k];
-    e = e >= 0 && e < num_local ? e : -1;
-    ids_s[p] = e;
-    if (e >= 0) atomicOr(&sh.bits[e / 32], 1u << (e % 32));
-  }
-  __syncthreads();
-  if (tid < kWarp) {
-    // Exclusive prefix of active experts per 32-id word, then each lane lists its word's ids.
-    uint32_t word = sh.bits[tid];
-    const int n = __popc(word);
-    int incl = n;
-#pragma unroll
-    for (int o = 1; o < kWarp; o *= 2) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (tid >= o) incl += v;
-    }
-    for (int i = incl - n; word; word &= word - 1) sh.active[i++] = tid * 32 + __ffs(word) - 1;
-    if (tid == kWarp - 1) sh.num_active = incl;
-  }
-  __syncthreads();
-}
-
-// The next up to kTokens pairs routed to expert e at or after `pos` (in pair order); lane t <
-// count gets pair t in `mine`. Whole warp; returns count (warp-uniform). The pairs stay in
-// registers (other lanes read them with __shfl_sync): a per-warp list in shared memory, written
-// and read by different lanes, is what racecheck reported in v3.
-__device__ int next_pairs(const int32_t* ids_s, int num_pairs, int e, int& pos, int& mine) {
-  const int lane = threadIdx.x % kWarp;
-  int count = 0;
-  while (count < kTokens && pos < num_pairs) {
-    const int p = pos + lane;
-    uint32_t m = __ballot_sync(0xffffffffu, p < num_pairs && ids_s[p] == e);
-    // Lane count + i takes the i-th match; the walk over m's set bits is warp-uniform.
-    const int take = min(__popc(m), kTokens - count);
-    for (int i = 0; i < take; ++i, m &= m - 1)
-      if (lane == count + i) mine = pos + __ffs(m) - 1;
-    count += take;
-    pos = m && count == kTokens ? pos + __ffs(m) - 1 : pos + kWarp;  // resume at a match not taken
-  }
-  return count;
-}
-
-// Pair t of the warp's current pass (0 past nt, so that rows stay in bounds), on every lane.
-__device__ __forceinline__ int pair_of(int mine, int t, int nt) {
-  const int p = __shfl_sync(0xffffffffu, mine, t);
-  return t < nt ? p : 0;
-}
+constexpr int kTokens = 4;  // tokens per pass over an item's rows
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
 // summed over the warp. Tokens t >= nt are skipped.
@@ -134,31 +71,6 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
   }
 }
 
-__device__ __forceinline__ int64_t expert_index(const DeviceWeights& w, int e) {
-  return w.index ? w.index[e] : e;
-}
-
-__device__ __forceinline__ float bias_at(const float* b, int64_t i) {
-  return b ? b[i] : 0.0f;
-}
-
-// Weight row scales (fp32 per row, null: float weights) and activation row scales.
-__device__ __forceinline__ float scale_at(const float* s, int64_t i) {
-  return s ? s[i] : 1.0f;
-}
-__device__ __forceinline__ float scale_at(RowScale s, int64_t row) {
-  return s.scale ? s.scale[row * s.stride] : 1.0f;
-}
-
-// Rows [num_pairs, n] of `out` for pairs computed nowhere (id -1; ids past E_local are treated
-// alike) get zeros, spread over the grid's blocks.
-template <typename T>
-__device__ void zero_unrouted_rows(const int32_t* ids_s, int num_pairs, int64_t n, T* out) {
-  for (int p = blockIdx.x; p < num_pairs; p += gridDim.x)
-    if (ids_s[p] < 0)
-      for (int64_t i = threadIdx.x; i < n; i += kThreads) store_float(out, p * n + i, 0.0f);
-}
-
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
 // warp of the grid. A GEMM1 task is intermediate column j (gate and up rows; non-gated: columns
 // 2j, 2j+1); a GEMM2 task is kRows2<T> consecutive output rows. kUnroll*: 16-byte chunks per row
@@ -173,18 +85,17 @@ constexpr int kUnroll2 = sizeof(T) == 1 ? 4 : 3;
 
 template <typename T, typename OutH>
 __global__ void __launch_bounds__(kThreads, 2)
-    gemm1_kernel(DeviceWeights w, const T* __restrict__ a1, int64_t a1_stride, RowScale a1_scale,
-                 const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs, int k,
-                 OutH* __restrict__ h) {
+    gemm1_kernel(const __grid_constant__ Gemm1Args<T, OutH> a) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
   grid_dependency_wait();  // the ids (and a1) come from the kernels just before
   launch_dependents();
-  load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
+  const DeviceWeights& w = a.w;
+  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
   // h rows of unrouted pairs: zeros, which the e4m3 requantization reads (amax, codes).
-  zero_unrouted_rows(ids_s, num_pairs, I, h);
+  zero_unrouted_rows(ids_s, a.num_pairs, I, a.h);
   const int64_t tasks = act.gated ? I : I / 2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -203,10 +114,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float s0 = scale_at(w.s13, ex * rows13 + rows[0]);
     const float s1 = scale_at(w.s13, ex * rows13 + rows[1]);
     int mine = 0;
-    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
+    for (int pos = 0, nt; (nt = next_pairs<kTokens>(ids_s, a.num_pairs, e, pos, mine)) > 0;) {
       const T* x[kTokens];
 #pragma unroll
-      for (int t = 0; t < kTokens; ++t) x[t] = a1 + pair_of(mine, t, nt) / k * a1_stride;
+      for (int t = 0; t < kTokens; ++t) x[t] = a.a1 + pair_of(mine, t, nt) / a.k * a.a1_stride;
       float acc[2][kTokens];
       warp_dots<T, 2, kUnroll1>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
@@ -216,10 +127,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int t = 1; t < kTokens; ++t)
           if (lane == t) g = acc[0][t], u = acc[1][t];
-        const float xs = scale_at(a1_scale, mine / k);
+        const float xs = scale_at(a.a1_scale, mine / a.k);
         g = g * s0 * xs + b0;
         u = u * s1 * xs + b1;
-        OutH* out = h + static_cast<int64_t>(mine) * I;
+        OutH* out = a.h + static_cast<int64_t>(mine) * I;
         if (act.gated) {
           store_float(out, j0, apply_activation(act, g, u));
         } else {
@@ -233,14 +144,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    gemm2_kernel(DeviceWeights w, const T* __restrict__ h, RowScale h_scale,
-                 const int32_t* __restrict__ ids, int64_t ids_stride, int num_pairs, int k,
-                 float* __restrict__ out) {
+    gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
+  const DeviceWeights& w = a.w;
   // Before the wait (chained launch: gemm1 may still run, but every block of it has passed its
   // own wait, so the ids are written): routing only, no writes.
-  load_routing(ids, ids_stride, num_pairs, k, w.num_local, ids_s, sh);
+  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const int64_t I = w.intermediate, H = w.hidden;
   const int64_t tasks = H / kRows2<T>;
   const int64_t items = sh.num_active * tasks;
@@ -248,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* w2 = static_cast<const T*>(w.w2);
   grid_dependency_wait();  // h comes from gemm1 (or its requantization)
   launch_dependents();
-  zero_unrouted_rows(ids_s, num_pairs, H, out);
+  zero_unrouted_rows(ids_s, a.num_pairs, H, a.out);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
@@ -258,13 +168,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int r = 0; r < kRows2<T>; ++r)
       wr[r] = w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
     int mine = 0;
-    for (int pos = 0, nt; (nt = next_pairs(ids_s, num_pairs, e, pos, mine)) > 0;) {
+    for (int pos = 0, nt; (nt = next_pairs<kTokens>(ids_s, a.num_pairs, e, pos, mine)) > 0;) {
       int pairs[kTokens];
       const T* x[kTokens];
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) {
         pairs[t] = pair_of(mine, t, nt);
-        x[t] = h + pairs[t] * I;
+        x[t] = a.h + pairs[t] * I;
       }
       float acc[kRows2<T>][kTokens];
       warp_dots<T, kRows2<T>, kUnroll2<T>>(wr, x, nt, I, acc);
@@ -276,58 +186,63 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int r = 0; r < kRows2<T>; ++r)
           if (lane == t * kRows2<T> + r && t < nt) {
             const int64_t row = ex * H + row0 + r;
-            out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
-                acc[r][t] * scale_at(w.s2, row) * scale_at(h_scale, pairs[t]) + bias_at(w.b2, row);
+            a.out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
+                acc[r][t] * scale_at(w.s2, row) * scale_at(a.h_scale, pairs[t]) +
+                bias_at(w.b2, row);
           }
     }
   }
 }
 
-// Blocks that fill the GPU once (persistent), from the occupancy of `kernel`.
-template <typename Kernel>
-unsigned persistent_blocks(Kernel kernel, size_t smem) {
-  int dev = 0, sms = 0, per_sm = 0;
-  MOEKIT_CUDA_CHECK(cudaGetDevice(&dev));
-  MOEKIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  MOEKIT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return static_cast<unsigned>(std::max(1, sms * per_sm));
-}
-
 // Token chunks of at most kSmallBatchMaxPairs pairs (the ids of a chunk live in shared memory):
-// f(first token, pairs, shared memory bytes) per chunk.
+// f(first token, pairs) per chunk.
 template <typename F>
 void for_each_chunk(int64_t M, int k, F&& f) {
   const int64_t chunk = std::max<int64_t>(1, kSmallBatchMaxPairs / k);
-  for (int64_t t0 = 0; t0 < M; t0 += chunk) {
-    const int pairs = static_cast<int>(std::min(chunk, M - t0) * k);
-    f(t0, pairs, pairs * sizeof(int32_t));
-  }
+  for (int64_t t0 = 0; t0 < M; t0 += chunk) f(t0, static_cast<int>(std::min(chunk, M - t0) * k));
 }
 
 RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
 
-// GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
+// GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq; one
+// token on this file's kernels, more on the tensor-core ones (small_batch_mma.cu). H200, qwen3-
+// 30b-a3b fp8-token at 16 tokens: 282 -> 174 us; at one token the tensor-core kernels were up to
+// 24 % slower (mixtral-8x7b: 183 -> 222 us; bench/notes_cuda.md v12).
 template <typename T, typename OutH>
 void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, RowScale a1_scale,
                      const int32_t* ids, int64_t ids_stride, int64_t M, int k, OutH* h, const T* hq,
                      RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
                      cudaStream_t stream) {
   const int64_t I = w.intermediate, H = w.hidden;
+  const bool mma = M > 1;
   // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
   // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2.
-  auto launch = [&](auto kernel, size_t smem, auto&&... args) {
-    launch_chained(kernel, persistent_blocks(kernel, smem), kThreads, smem, stream, args...);
-  };
-  for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
-    launch(gemm1_kernel<T, OutH>, smem, w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0),
-           ids + t0 * ids_stride, ids_stride, pairs, k, h + t0 * k * I);
+  for_each_chunk(M, k, [&](int64_t t0, int pairs) {
+    const Gemm1Args<T, OutH> args{w,
+                                  a1 + t0 * a1_stride,
+                                  a1_stride,
+                                  offset(a1_scale, t0),
+                                  ids + t0 * ids_stride,
+                                  ids_stride,
+                                  pairs,
+                                  k,
+                                  h + t0 * k * I};
+    if (mma)
+      gemm1_mma(args, stream);
+    else
+      launch_persistent(gemm1_kernel<T, OutH>, pairs * sizeof(int32_t), stream, args);
   });
   if (requantize) requantize();
-  for_each_chunk(M, k, [&](int64_t t0, int pairs, size_t smem) {
-    launch(gemm2_kernel<T>, smem, w, hq + t0 * k * I, offset(h_scale, t0 * k),
-           ids + t0 * ids_stride, ids_stride, pairs, k, fused_out + t0 * k * H);
+  for_each_chunk(M, k, [&](int64_t t0, int pairs) {
+    const Gemm2Args<T> args{
+        w, hq + t0 * k * I,       offset(h_scale, t0 * k), ids + t0 * ids_stride, ids_stride, pairs,
+        k, fused_out + t0 * k * H};
+    if (mma)
+      gemm2_mma(args, stream);
+    else
+      launch_persistent(gemm2_kernel<T>, pairs * sizeof(int32_t), stream, args);
   });
 }
 
@@ -337,8 +252,8 @@ void small_batch_experts(const DeviceWeights& w, const void* a1, int64_t a1_stri
                          RowScale a1_scale, const int32_t* ids, int64_t ids_stride, int64_t M,
                          int k, const SmallBatchBuffers& buf, float* fused_out,
                          cudaStream_t stream) {
-  MOEKIT_CHECK(w.num_local <= kMaxLocalExperts, "small-batch experts: E_local ", w.num_local, " > ",
-               kMaxLocalExperts);
+  MOEKIT_CHECK(w.num_local <= small_batch::kMaxLocalExperts, "small-batch experts: E_local ",
+               w.num_local, " > ", small_batch::kMaxLocalExperts);
   if (M == 0) return;
   with_compute_type(w.elem, [&](auto tag) {
     using T = decltype(tag);
