@@ -1,6 +1,6 @@
 // Device-side helpers shared by the .cu files: bf16 -> fp32 on raw uint16_t storage (moekit's
 // bf16 tensors are plain 16-bit words), 16-byte loads and dot products per element type, warp
-// reductions, asynchronous copies to shared memory, warp tensor-core products per element type,
+// reductions, asynchronous copies to shared memory, warp tensor-core products on e4m3,
 // grid sizing, programmatic dependent launch, and the switches from DType to device element
 // types.
 #pragma once
@@ -128,29 +128,18 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// d += A . B on the tensor cores, one warp (mma.sync): A 16 x kK row-major, B kK x 8 column-major,
-// d 16 x 8 fp32; kK = 16 for bf16 / fp16, 32 for e4m3 (fp32 products and sums). Fragments, with
-// g = lane / 4, t = lane % 4: a = {row g, row g + 8, row g, row g + 8} x {k slots of t, first
-// half; then second half}, b = {column g} x {first half, second half}, d = {row g, row g + 8} x
-// {columns 2t, 2t + 1}; lane t holds k slots {2t, 2t+1, 2t+8, 2t+9} (16-bit) or {4t..4t+3,
-// 4t+16..4t+19} (e4m3) -- 8 bytes of a row, in the same order for a and b.
-#define MOEKIT_MMA_M16N8(shape) \
-  "mma.sync.aligned." shape " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-#define MOEKIT_MMA_OPERANDS                        \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
-  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)
-template <typename T>
-__device__ __forceinline__ void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    asm(MOEKIT_MMA_M16N8("m16n8k16.row.col.f32.bf16.bf16.f32") MOEKIT_MMA_OPERANDS);
-  else if constexpr (std::is_same_v<T, __half>)
-    asm(MOEKIT_MMA_M16N8("m16n8k16.row.col.f32.f16.f16.f32") MOEKIT_MMA_OPERANDS);
-  else
-    asm(MOEKIT_MMA_M16N8("m16n8k32.row.col.f32.e4m3.e4m3.f32") MOEKIT_MMA_OPERANDS);
+// d += A . B on the tensor cores, one warp (mma.sync m16n8k32, e4m3 operands): A 16 x 32
+// row-major, B 32 x 8 column-major, d 16 x 8 fp32. Fragments, with g = lane / 4, t = lane % 4:
+// a = {row g, row g + 8, row g, row g + 8} x {k slots 4t..4t+3; then 4t+16..4t+19}, b = {column
+// g} x {the same slots}, d = {row g, row g + 8} x {columns 2t, 2t + 1}: 8 bytes of a row per
+// lane, in the same order for a and b.
+__device__ __forceinline__ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-#undef MOEKIT_MMA_OPERANDS
-#undef MOEKIT_MMA_M16N8
 
 template <typename T>
 __device__ __forceinline__ float load_float(const T* p, int64_t i);

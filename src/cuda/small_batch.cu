@@ -12,9 +12,9 @@
 // (programmatic dependent launch, device.cuh): gemm2 is scheduled as gemm1's blocks retire and
 // lists its experts before waiting for h.
 // Two kernel families: this file's (16-byte loads straight into registers, dots on the CUDA
-// cores: the fewest instructions per weight byte when each row meets one token) for one token;
-// small_batch_mma.cu's (rows staged in shared memory, dots on the tensor cores, 16 tokens per
-// pass) for more, where fp32 dots per token would cost more issue slots than the loads.
+// cores) for bf16 and fp16, and for e4m3 at one token; small_batch_mma.cu's (rows staged in
+// shared memory, dots on the tensor cores, 16 tokens per pass) for e4m3 with more tokens, where
+// converting every code for each token's fp32 dot costs more issue slots than the loads.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
@@ -206,43 +206,47 @@ RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
 
-// GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq; one
-// token on this file's kernels, more on the tensor-core ones (small_batch_mma.cu). H200, qwen3-
-// 30b-a3b fp8-token at 16 tokens: 282 -> 174 us; at one token the tensor-core kernels were up to
-// 24 % slower (mixtral-8x7b: 183 -> 222 us; bench/notes_cuda.md v12).
+// GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
+// e4m3 with more than one token takes the tensor-core kernels (small_batch_mma.cu). On an H200
+// (bench/notes_cuda.md v12) they were 12-38 % faster at 2-16 tokens on qwen3-30b-a3b (16: 282 ->
+// 174 us) and 16 % at 8 on gpt-oss-20b, 3-4 % slower at 2 tokens on gpt-oss-20b and mixtral-8x7b,
+// up to 24 % slower at one token; on bf16 slower at every token count (2-18 %).
 template <typename T, typename OutH>
 void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, RowScale a1_scale,
                      const int32_t* ids, int64_t ids_stride, int64_t M, int k, OutH* h, const T* hq,
                      RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
                      cudaStream_t stream) {
   const int64_t I = w.intermediate, H = w.hidden;
-  const bool mma = M > 1;
+  constexpr bool kE4m3 = std::is_same_v<T, __nv_fp8_e4m3>;
   // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
   // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2.
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
-    const Gemm1Args<T, OutH> args{w,
-                                  a1 + t0 * a1_stride,
-                                  a1_stride,
-                                  offset(a1_scale, t0),
-                                  ids + t0 * ids_stride,
-                                  ids_stride,
-                                  pairs,
-                                  k,
-                                  h + t0 * k * I};
-    if (mma)
-      gemm1_mma(args, stream);
-    else
-      launch_persistent(gemm1_kernel<T, OutH>, pairs * sizeof(int32_t), stream, args);
+    const Gemm1Args<T, OutH> args{.w = w,
+                                  .a1 = a1 + t0 * a1_stride,
+                                  .a1_stride = a1_stride,
+                                  .a1_scale = offset(a1_scale, t0),
+                                  .ids = ids + t0 * ids_stride,
+                                  .ids_stride = ids_stride,
+                                  .num_pairs = pairs,
+                                  .k = k,
+                                  .h = h + t0 * k * I};
+    if constexpr (kE4m3)
+      if (M > 1) return gemm1_mma(args, stream);
+    launch_persistent(gemm1_kernel<T, OutH>, pairs * sizeof(int32_t), stream, args);
   });
   if (requantize) requantize();
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
-    const Gemm2Args<T> args{
-        w, hq + t0 * k * I,       offset(h_scale, t0 * k), ids + t0 * ids_stride, ids_stride, pairs,
-        k, fused_out + t0 * k * H};
-    if (mma)
-      gemm2_mma(args, stream);
-    else
-      launch_persistent(gemm2_kernel<T>, pairs * sizeof(int32_t), stream, args);
+    const Gemm2Args<T> args{.w = w,
+                            .h = hq + t0 * k * I,
+                            .h_scale = offset(h_scale, t0 * k),
+                            .ids = ids + t0 * ids_stride,
+                            .ids_stride = ids_stride,
+                            .num_pairs = pairs,
+                            .k = k,
+                            .out = fused_out + t0 * k * H};
+    if constexpr (kE4m3)
+      if (M > 1) return gemm2_mma(args, stream);
+    launch_persistent(gemm2_kernel<T>, pairs * sizeof(int32_t), stream, args);
   });
 }
 

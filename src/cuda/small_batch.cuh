@@ -1,6 +1,6 @@
-// What the two small-batch kernel families share (small_batch.cu: fp32 dots on the CUDA cores,
-// for one token; small_batch_mma.cu: tensor-core dots, for more): the block's routing (the pair
-// ids and the active experts in shared memory), the walk over an expert's pairs, weight and
+// What the two small-batch kernel families share (small_batch.cu: fp32 dots on the CUDA cores;
+// small_batch_mma.cu: tensor-core dots, e4m3 with more than one token): the block's routing (the
+// pair ids and the active experts in shared memory), the walk over an expert's pairs, weight and
 // activation scales, the zeros of unrouted rows, the launch arguments and persistent launches.
 #pragma once
 
@@ -149,10 +149,8 @@ void launch_persistent(void (*kernel)(Args), size_t smem, cudaStream_t stream, c
                  args);
 }
 
-// small_batch_mma.cu, for (T, OutH) = (bf16, bf16), (fp16, fp16), (e4m3, fp32).
-template <typename T, typename OutH>
-void gemm1_mma(const Gemm1Args<T, OutH>& args, cudaStream_t stream);
-template <typename T>
-void gemm2_mma(const Gemm2Args<T>& args, cudaStream_t stream);
+// small_batch_mma.cu: the e4m3 kernels with tensor-core dots.
+void gemm1_mma(const Gemm1Args<__nv_fp8_e4m3, float>& args, cudaStream_t stream);
+void gemm2_mma(const Gemm2Args<__nv_fp8_e4m3>& args, cudaStream_t stream);
 
 }  // namespace moekit::cuda::small_batch

@@ -1,18 +1,21 @@
-// Small-batch gemm1 and gemm2 (small_batch.cuh) for more than one token: the dots on the tensor
-// cores. A warp takes items of 8 weight rows and up to 16 of the expert's tokens per pass, as
-// mma_m16n8 tiles (tokens x rows, fp32 sums, device.cuh). The rows stream row-major through a
+// Small-batch gemm1 and gemm2 (small_batch.cuh) on e4m3 for more than one token: the dots on the
+// tensor cores. A warp takes items of 8 weight rows and up to 16 of the expert's tokens per pass,
+// as m16n8k32 tiles (tokens x rows, fp32 sums, device.cuh). The rows stream row-major through a
 // per-warp cp.async ring in shared memory; since a dot may take its terms in any order, each
 // 16-byte chunk a lane reads from the ring is directly the B fragment of two k-steps, and the
 // tokens' chunks at the same places (16-byte loads through L1) their A fragments: no conversions,
 // no shuffles, one MMA per 8 x 16 products. Then the weight row's scale, the activation row's
 // scale (e4m3; 1 for float formats) and the bias, as in small_batch.cu. Items go to blocks
 // round-robin (item i to block i % grid), so that items fewer than the grid's warps still
-// spread over every SM.
+// spread over every SM. (The same kernels on bf16 were slower than small_batch.cu's at every
+// token count measured: bench/notes_cuda.md v12.)
 #include "cuda/small_batch.cuh"
 
 namespace moekit::cuda::small_batch {
 namespace {
 
+using T = __nv_fp8_e4m3;
+constexpr int kElems = 16;   // codes per 16-byte chunk
 constexpr int kTokens = 16;  // tokens per pass over an item's rows (the MMA's M)
 constexpr int kRows = 8;     // weight rows per item (the MMA's N)
 // Each warp's ring: kStages stages of kSegChunks 16-byte chunks of its 8 rows; a staged row takes
@@ -29,12 +32,10 @@ constexpr size_t kRingBytes = size_t(kWarps) * kStages * kStageBytes;  // per bl
 // kStages stages (cp.async, kSegChunks chunks of every row per stage, kStages - 1 stages in
 // flight): lanes 0-15 copy 256 contiguous bytes of one row, lanes 16-31 of the next, as a row-major
 // load would. Lane t then takes chunks t, t + 4, t + 8, t + 12 of row g from the stage and the same
-// chunks of its tokens: each chunk is two k-steps' fragments (device.cuh, mma_m16n8). d: token g's
-// dots with rows 2t and 2t + 1, then token g + 8's.
-template <typename T>
+// chunks of its tokens: each chunk is two k-steps' fragments (device.cuh, mma_m16n8k32_e4m3). d:
+// token g's dots with rows 2t and 2t + 1, then token g + 8's.
 __device__ __forceinline__ void warp_rows_dot(const T* w, const T* x_lo, const T* x_hi, int64_t K,
                                               unsigned char* ring, float (&d)[4]) {
-  constexpr int kElems = 16 / sizeof(T);
   const int lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int64_t chunks = K / kElems;
   const int segs = static_cast<int>((chunks + kSegChunks - 1) / kSegChunks);
@@ -78,8 +79,8 @@ __device__ __forceinline__ void warp_rows_dot(const T* w, const T* x_lo, const T
       // Each chunk's two products go into fresh registers, then into d in fp32: the MMAs of a
       // stage do not wait on each other, and e4m3 sums keep fp32 whatever the tensor cores keep.
       float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      mma_m16n8<T>(p, a0, wv.x, wv.y);
-      mma_m16n8<T>(p, a1, wv.z, wv.w);
+      mma_m16n8k32_e4m3(p, a0, wv.x, wv.y);
+      mma_m16n8k32_e4m3(p, a1, wv.z, wv.w);
 #pragma unroll
       for (int i = 0; i < 4; ++i) d[i] += p[i];
     }
@@ -106,9 +107,8 @@ __device__ __forceinline__ int32_t* pair_ids(unsigned char* smem) {
 // (the MMA's columns 2t and 2t + 1 are then one column's gate and up, both in lane t); non-gated,
 // 8 columns. H and I are multiples of 8 (16-byte rows, experts_base.cc): items end with the
 // matrices.
-template <typename T, typename OutH>
 __global__ void __launch_bounds__(kThreads, 2)
-    gemm1_kernel(const __grid_constant__ Gemm1Args<T, OutH> a) {
+    gemm1_kernel(const __grid_constant__ Gemm1Args<T, float> a) {
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* ring = warp_ring(smem);
   int32_t* ids_s = pair_ids(smem);
@@ -145,14 +145,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int pos = 0, nt; (nt = next_pairs<kTokens>(ids_s, a.num_pairs, e, pos, mine)) > 0;) {
       const int p[2] = {pair_of(mine, g, nt), pair_of(mine, g + 8, nt)};
       float d[4];
-      warp_rows_dot<T>(wr, g < nt ? a.a1 + p[0] / a.k * a.a1_stride : nullptr,
-                       g + 8 < nt ? a.a1 + p[1] / a.k * a.a1_stride : nullptr, H, ring, d);
+      warp_rows_dot(wr, g < nt ? a.a1 + p[0] / a.k * a.a1_stride : nullptr,
+                    g + 8 < nt ? a.a1 + p[1] / a.k * a.a1_stride : nullptr, H, ring, d);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (g + 8 * half >= nt) continue;
         const float xs = scale_at(a.a1_scale, p[half] / a.k);
         const float u0 = d[2 * half] * s0 * xs + b0, u1 = d[2 * half + 1] * s1 * xs + b1;
-        OutH* out = a.h + static_cast<int64_t>(p[half]) * I;
+        float* out = a.h + static_cast<int64_t>(p[half]) * I;
         if (act.gated) {
           store_float(out, jo, apply_activation(act, u0, u1));
         } else {
@@ -165,7 +165,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // A GEMM2 item is 8 consecutive output rows (H is a multiple of 8).
-template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -193,8 +192,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int pos = 0, nt; (nt = next_pairs<kTokens>(ids_s, a.num_pairs, e, pos, mine)) > 0;) {
       const int p[2] = {pair_of(mine, g, nt), pair_of(mine, g + 8, nt)};
       float d[4];
-      warp_rows_dot<T>(wr, g < nt ? a.h + static_cast<int64_t>(p[0]) * I : nullptr,
-                       g + 8 < nt ? a.h + static_cast<int64_t>(p[1]) * I : nullptr, I, ring, d);
+      warp_rows_dot(wr, g < nt ? a.h + static_cast<int64_t>(p[0]) * I : nullptr,
+                    g + 8 < nt ? a.h + static_cast<int64_t>(p[1]) * I : nullptr, I, ring, d);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (g + 8 * half >= nt) continue;
@@ -215,20 +214,11 @@ size_t smem_bytes(int num_pairs) {
 
 }  // namespace
 
-template <typename T, typename OutH>
-void gemm1_mma(const Gemm1Args<T, OutH>& args, cudaStream_t stream) {
-  launch_persistent(gemm1_kernel<T, OutH>, smem_bytes(args.num_pairs), stream, args);
+void gemm1_mma(const Gemm1Args<__nv_fp8_e4m3, float>& args, cudaStream_t stream) {
+  launch_persistent(gemm1_kernel, smem_bytes(args.num_pairs), stream, args);
 }
-template <typename T>
-void gemm2_mma(const Gemm2Args<T>& args, cudaStream_t stream) {
-  launch_persistent(gemm2_kernel<T>, smem_bytes(args.num_pairs), stream, args);
+void gemm2_mma(const Gemm2Args<__nv_fp8_e4m3>& args, cudaStream_t stream) {
+  launch_persistent(gemm2_kernel, smem_bytes(args.num_pairs), stream, args);
 }
-
-template void gemm1_mma(const Gemm1Args<__nv_bfloat16, __nv_bfloat16>&, cudaStream_t);
-template void gemm1_mma(const Gemm1Args<__half, __half>&, cudaStream_t);
-template void gemm1_mma(const Gemm1Args<__nv_fp8_e4m3, float>&, cudaStream_t);
-template void gemm2_mma(const Gemm2Args<__nv_bfloat16>&, cudaStream_t);
-template void gemm2_mma(const Gemm2Args<__half>&, cudaStream_t);
-template void gemm2_mma(const Gemm2Args<__nv_fp8_e4m3>&, cudaStream_t);
 
 }  // namespace moekit::cuda::small_batch
