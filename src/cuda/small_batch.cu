@@ -88,14 +88,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     gemm1_kernel(const __grid_constant__ Gemm1Args<T, OutH> a) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
-  grid_dependency_wait();  // the ids (and a1) come from the kernels just before
-  launch_dependents();
+  begin_gemm1(a, ids_s, sh);
   const DeviceWeights& w = a.w;
-  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
-  // h rows of unrouted pairs: zeros, which the e4m3 requantization reads (amax, codes).
-  zero_unrouted_rows(ids_s, a.num_pairs, I, a.h);
   const int64_t tasks = act.gated ? I : I / 2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
@@ -147,18 +143,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
+  begin_gemm2(a, ids_s, sh);
   const DeviceWeights& w = a.w;
-  // Before the wait (chained launch: gemm1 may still run, but every block of it has passed its
-  // own wait, so the ids are written): routing only, no writes.
-  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const int64_t I = w.intermediate, H = w.hidden;
   const int64_t tasks = H / kRows2<T>;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   const T* w2 = static_cast<const T*>(w.w2);
-  grid_dependency_wait();  // h comes from gemm1 (or its requantization)
-  launch_dependents();
-  zero_unrouted_rows(ids_s, a.num_pairs, H, a.out);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
@@ -206,6 +197,20 @@ RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
 
+// One chunk's gemm1 or gemm2, on the tensor-core kernels when mma (e4m3 only).
+template <typename T, typename OutH>
+void launch(const Gemm1Args<T, OutH>& args, bool mma, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
+    if (mma) return gemm1_mma(args, stream);
+  launch_persistent(gemm1_kernel<T, OutH>, args.num_pairs * sizeof(int32_t), stream, args);
+}
+template <typename T>
+void launch(const Gemm2Args<T>& args, bool mma, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
+    if (mma) return gemm2_mma(args, stream);
+  launch_persistent(gemm2_kernel<T>, args.num_pairs * sizeof(int32_t), stream, args);
+}
+
 // GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
 // e4m3 with more than one token takes the tensor-core kernels (small_batch_mma.cu). On an H200
 // (bench/notes_cuda.md v12) they were 12-38 % faster at 2-16 tokens on qwen3-30b-a3b (16: 282 ->
@@ -217,36 +222,20 @@ void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, Row
                      RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
                      cudaStream_t stream) {
   const int64_t I = w.intermediate, H = w.hidden;
-  constexpr bool kE4m3 = std::is_same_v<T, __nv_fp8_e4m3>;
+  const bool mma = std::is_same_v<T, __nv_fp8_e4m3> && M > 1;
   // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
-  // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2.
+  // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2. Arguments in the
+  // order of Gemm1Args / Gemm2Args.
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
-    const Gemm1Args<T, OutH> args{.w = w,
-                                  .a1 = a1 + t0 * a1_stride,
-                                  .a1_stride = a1_stride,
-                                  .a1_scale = offset(a1_scale, t0),
-                                  .ids = ids + t0 * ids_stride,
-                                  .ids_stride = ids_stride,
-                                  .num_pairs = pairs,
-                                  .k = k,
-                                  .h = h + t0 * k * I};
-    if constexpr (kE4m3)
-      if (M > 1) return gemm1_mma(args, stream);
-    launch_persistent(gemm1_kernel<T, OutH>, pairs * sizeof(int32_t), stream, args);
+    launch(Gemm1Args<T, OutH>{w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0),
+                              ids + t0 * ids_stride, ids_stride, pairs, k, h + t0 * k * I},
+           mma, stream);
   });
   if (requantize) requantize();
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
-    const Gemm2Args<T> args{.w = w,
-                            .h = hq + t0 * k * I,
-                            .h_scale = offset(h_scale, t0 * k),
-                            .ids = ids + t0 * ids_stride,
-                            .ids_stride = ids_stride,
-                            .num_pairs = pairs,
-                            .k = k,
-                            .out = fused_out + t0 * k * H};
-    if constexpr (kE4m3)
-      if (M > 1) return gemm2_mma(args, stream);
-    launch_persistent(gemm2_kernel<T>, pairs * sizeof(int32_t), stream, args);
+    launch(Gemm2Args<T>{w, hq + t0 * k * I, offset(h_scale, t0 * k), ids + t0 * ids_stride,
+                        ids_stride, pairs, k, fused_out + t0 * k * H},
+           mma, stream);
   });
 }
 

@@ -134,6 +134,28 @@ struct Gemm2Args {
   float* out;
 };
 
+// The start of every gemm1 kernel: wait for the ids and a1 (the kernels just before), let the next
+// launch start, read the routing into ids_s and sh, and zero the h rows of unrouted pairs (the
+// e4m3 requantization reads them: amax, codes).
+template <typename T, typename OutH>
+__device__ void begin_gemm1(const Gemm1Args<T, OutH>& a, int32_t* ids_s, Shared& sh) {
+  grid_dependency_wait();
+  launch_dependents();
+  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, a.w.num_local, ids_s, sh);
+  zero_unrouted_rows(ids_s, a.num_pairs, a.w.intermediate, a.h);
+}
+
+// gemm2's: the routing first (chained launch: gemm1 may still run, but every block of it has
+// passed its own wait, so the ids are written; nothing is written before the wait), then wait for
+// h (gemm1 or its requantization), let the next launch start, zero the rows of unrouted pairs.
+template <typename T>
+__device__ void begin_gemm2(const Gemm2Args<T>& a, int32_t* ids_s, Shared& sh) {
+  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, a.w.num_local, ids_s, sh);
+  grid_dependency_wait();
+  launch_dependents();
+  zero_unrouted_rows(ids_s, a.num_pairs, a.w.hidden, a.out);
+}
+
 // Launches `kernel` (chained, device.cuh) on blocks that fill the GPU once (persistent), from its
 // occupancy with `smem` bytes of dynamic shared memory (allowed first: past 48 KB a kernel must
 // opt in).

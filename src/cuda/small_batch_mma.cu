@@ -95,12 +95,15 @@ __device__ __forceinline__ int64_t item_stride() {
   return int64_t(gridDim.x) * kWarps;
 }
 
-// The dynamic shared memory: the warps' rings, then the pair ids.
-__device__ __forceinline__ unsigned char* warp_ring(unsigned char* smem) {
-  return smem + threadIdx.x / kWarp * (kRingBytes / kWarps);
-}
-__device__ __forceinline__ int32_t* pair_ids(unsigned char* smem) {
-  return reinterpret_cast<int32_t*>(smem + kRingBytes);
+// The dynamic shared memory: the warps' rings, then the pair ids. This warp's ring and the ids.
+struct Smem {
+  unsigned char* ring;
+  int32_t* ids;
+};
+__device__ __forceinline__ Smem dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return {smem + threadIdx.x / kWarp * (kRingBytes / kWarps),
+          reinterpret_cast<int32_t*>(smem + kRingBytes)};
 }
 
 // A GEMM1 item is 8 W13 rows: gated, the gate and up rows of 4 intermediate columns, interleaved
@@ -109,18 +112,12 @@ __device__ __forceinline__ int32_t* pair_ids(unsigned char* smem) {
 // matrices.
 __global__ void __launch_bounds__(kThreads, 2)
     gemm1_kernel(const __grid_constant__ Gemm1Args<T, float> a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* ring = warp_ring(smem);
-  int32_t* ids_s = pair_ids(smem);
+  const auto [ring, ids_s] = dynamic_smem();
   __shared__ Shared sh;
-  grid_dependency_wait();  // the ids (and a1) come from the kernels just before
-  launch_dependents();
+  begin_gemm1(a, ids_s, sh);
   const DeviceWeights& w = a.w;
-  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const Activation& act = w.activation;
   const int64_t I = w.intermediate, H = w.hidden, rows13 = act.w13_rows(I);
-  // h rows of unrouted pairs: zeros, which the e4m3 requantization reads (amax, codes).
-  zero_unrouted_rows(ids_s, a.num_pairs, I, a.h);
   const int64_t cols = act.gated ? kRows / 2 : kRows;  // intermediate columns per item
   const int64_t tasks = I / cols;
   const int64_t items = sh.num_active * tasks;
@@ -167,22 +164,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 // A GEMM2 item is 8 consecutive output rows (H is a multiple of 8).
 __global__ void __launch_bounds__(kThreads, 2)
     gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* ring = warp_ring(smem);
-  int32_t* ids_s = pair_ids(smem);
+  const auto [ring, ids_s] = dynamic_smem();
   __shared__ Shared sh;
+  begin_gemm2(a, ids_s, sh);
   const DeviceWeights& w = a.w;
-  // Before the wait (chained launch: gemm1 may still run, but every block of it has passed its
-  // own wait, so the ids are written): routing only, no writes.
-  load_routing(a.ids, a.ids_stride, a.num_pairs, a.k, w.num_local, ids_s, sh);
   const int64_t I = w.intermediate, H = w.hidden;
   const int64_t tasks = H / kRows;
   const int64_t items = sh.num_active * tasks;
   const int g = threadIdx.x % kWarp / 4, t = threadIdx.x % 4;
   const T* w2 = static_cast<const T*>(w.w2);
-  grid_dependency_wait();  // h comes from gemm1 (or its requantization)
-  launch_dependents();
-  zero_unrouted_rows(ids_s, a.num_pairs, H, a.out);
   for (int64_t item = first_item(); item < items; item += item_stride()) {
     const int e = sh.active[item / tasks];
     const int64_t ex = expert_index(w, e), row0 = (item % tasks) * kRows;
