@@ -157,12 +157,13 @@ __device__ void begin_gemm2(const Gemm2Args<T>& a, int32_t* ids_s, Shared& sh) {
 }
 
 // Launches `kernel` (chained, device.cuh) on blocks that fill the GPU once (persistent), from its
-// occupancy with `smem` bytes of dynamic shared memory (allowed first: past 48 KB a kernel must
-// opt in).
+// occupancy with `smem` bytes of dynamic shared memory (past 48 KB allowed first: a kernel must
+// opt in; the CUDA-core kernels never need it, so they skip the call).
 template <typename Args>
 void launch_persistent(void (*kernel)(Args), size_t smem, cudaStream_t stream, const Args& args) {
-  MOEKIT_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (smem > 48 * 1024)
+    MOEKIT_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int dev = 0, sms = 0, per_sm = 0;
   MOEKIT_CUDA_CHECK(cudaGetDevice(&dev));
   MOEKIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
