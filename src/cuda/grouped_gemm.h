@@ -62,11 +62,14 @@ inline DType gemm2_out(DType ab) {
   return ab == DType::kBF16 ? ab : DType::kF32;
 }
 // Rows per group (on average) up to which bf16 GEMMs with bf16 output and e4m3 GEMMs take 64-row
-// pingpong tiles instead of 128-row cooperative ones. On an H200 the whole layer is 4-12 % faster
-// at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens bf16 -8 to -12 %, qwen3-30b-a3b fp8 64
-// tokens -14 %, deepseek-v3 64 and 256 tokens -3 to -4 %) and the bf16 GEMM alone was 2.4 %
-// slower at 64 rows per expert, up to 28 % slower from 256 (bench/notes_cuda.md v10, v12).
-inline constexpr int64_t kFewRowsPerGroup = 32;
+// pingpong tiles instead of 128-row cooperative ones (bench/notes_cuda.md v10, v12, v13; H200).
+// bf16: the whole layer is 8-12 % faster at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens,
+// deepseek-v3 64 and 256 tokens -3 to -4 %); the bf16 GEMM alone was 2.4 % slower at 64 rows per
+// expert and up to 28 % slower from 256. e4m3: qwen3-30b-a3b fp8 64 tokens (4 rows per expert)
+// -14 %, 1024 tokens (64) -4 %, gpt-oss-20b 1024 tokens (128) -6 %; from 256 rows per expert
+// mixed (mixtral-8x7b -2 to -4 %, gpt-oss-20b +16 to +22 %, qwen3-30b-a3b 16384 tokens +4 %).
+inline constexpr int64_t kBf16FewRowsPerGroup = 32;
+inline constexpr int64_t kE4m3FewRowsPerGroup = 128;
 // The configuration for operands `ab` (kBF16, kF16, kF8E4M3) over groups of rows_per_group rows
 // on average: out_f32 for fp32 D (GEMM2, and GEMM1 on e4m3), else D in the operand type.
 const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32, int64_t rows_per_group);

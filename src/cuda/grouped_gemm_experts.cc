@@ -135,14 +135,14 @@ const GroupedGemm& grouped_gemm_for(DType ab, bool out_f32, int64_t rows_per_gro
   switch (ab) {
     case DType::kBF16:
       if (out_f32) return kGroupedGemmBf16OutF32;
-      return rows_per_group <= kFewRowsPerGroup ? kGroupedGemmBf16OutBf16FewRows
-                                                : kGroupedGemmBf16OutBf16;
+      return rows_per_group <= kBf16FewRowsPerGroup ? kGroupedGemmBf16OutBf16FewRows
+                                                    : kGroupedGemmBf16OutBf16;
     case DType::kF16:
       return out_f32 ? kGroupedGemmF16OutF32 : kGroupedGemmF16OutF16;
     case DType::kF8E4M3:
       if (out_f32)
-        return rows_per_group <= kFewRowsPerGroup ? kGroupedGemmE4m3OutF32FewRows
-                                                  : kGroupedGemmE4m3OutF32;
+        return rows_per_group <= kE4m3FewRowsPerGroup ? kGroupedGemmE4m3OutF32FewRows
+                                                      : kGroupedGemmE4m3OutF32;
       break;
     default:
       break;
@@ -155,7 +155,8 @@ size_t expert_gemms_workspace(DType ab, int num_groups) {
   // GEMM2 runs GEMM1's configuration (its rounded bf16 output) or the fp32-out one; either may
   // take the few-rows tiles or not.
   size_t bytes = 0;
-  for (int64_t rows_per_group : {int64_t(0), kFewRowsPerGroup + 1})
+  for (int64_t rows_per_group :
+       {int64_t(0), std::max(kBf16FewRowsPerGroup, kE4m3FewRowsPerGroup) + 1})
     bytes = std::max({bytes, grouped_gemm1_for(ab, rows_per_group).workspace(num_groups),
                       grouped_gemm_for(ab, true, rows_per_group).workspace(num_groups)});
   return bytes;
