@@ -16,7 +16,9 @@
 // shared memory, dots on the tensor cores, 16 tokens per pass) for e4m3 with more tokens, where
 // converting every code for each token's fp32 dot costs more issue slots than the loads.
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
+#include <iterator>
 #include <type_traits>
 
 #include "cuda/small_batch.cuh"
@@ -26,11 +28,20 @@ namespace {
 
 using namespace small_batch;
 
-constexpr int kTokens = 4;  // tokens per pass over an item's rows
+// A kernel's shape: tokens per pass over an item's rows; 16-byte chunks per row and lane in
+// flight (unroll1: gemm1, unroll2: gemm2); output rows per gemm2 item; blocks per SM the
+// registers must allow (__launch_bounds__).
+struct Shape {
+  int tokens;
+  int unroll1;
+  int rows2;
+  int unroll2;
+  int min_blocks;
+};
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
 // summed over the warp. Tokens t >= nt are skipped.
-template <typename T, int R, int U>
+template <typename T, int R, int U, int kTokens>
 __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const (&x)[kTokens],
                                           int nt, int64_t K, float (&acc)[R][kTokens]) {
   constexpr int kElems = Vec16<T>::kElems;
@@ -73,19 +84,26 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
 
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
 // warp of the grid. A GEMM1 task is intermediate column j (gate and up rows; non-gated: columns
-// 2j, 2j+1); a GEMM2 task is kRows2<T> consecutive output rows. kUnroll*: 16-byte chunks per row
-// and lane in flight. gemm2 on 16-bit elements: 4 rows x 3 chunks (3 x 32 chunks cover a row of
-// 768 in one pass; 4 x 4 spills past the 128 registers of 2 blocks per SM); on e4m3 (16 codes a
-// chunk, a longer dot) 4 x 3 spills too, so 2 x 4.
-constexpr int kUnroll1 = 4;
+// 2j, 2j+1); a GEMM2 task is S.rows2 consecutive output rows. gemm2 on 16-bit elements: 4 rows x
+// 3 chunks (3 x 32 chunks cover a row of 768 in one pass; 4 x 4 spills past the 128 registers of
+// 2 blocks per SM); on e4m3 (16 codes a chunk, a longer dot) 4 x 3 spills too, so 2 x 4.
+// kBatch: 4 tokens per pass, 96-128 registers, 2 blocks per SM. kOneToken (chunks of one token,
+// decode): one token per pass frees the registers for 3 blocks per SM (76-80 registers, no
+// spills); on an H200 (bench/notes_cuda.md v13) the layer at one token is 6-13 % faster on
+// qwen3-30b-a3b and gpt-oss-20b (bf16 and fp8-token), 9 % on mixtral-8x7b fp8-token, the same on
+// mixtral-8x7b bf16. 4 blocks per SM spill and lose 12 % on mixtral-8x7b bf16.
 template <typename T>
-constexpr int kRows2 = sizeof(T) == 1 ? 2 : 4;
-template <typename T>
-constexpr int kUnroll2 = sizeof(T) == 1 ? 4 : 3;
+constexpr Shape kShapes[] = {
+    {4, 4, sizeof(T) == 1 ? 2 : 4, sizeof(T) == 1 ? 4 : 3, 2},
+    {1, 4, sizeof(T) == 1 ? 2 : 4, sizeof(T) == 1 ? 4 : 3, 3},
+};
+constexpr int kBatch = 0, kOneToken = 1;
 
-template <typename T, typename OutH>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, typename OutH, int kShape>
+__global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
     gemm1_kernel(const __grid_constant__ Gemm1Args<T, OutH> a) {
+  constexpr Shape S = kShapes<T>[kShape];
+  constexpr int kTokens = S.tokens;
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
   begin_gemm1(a, ids_s, sh);
@@ -115,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) x[t] = a.a1 + pair_of(mine, t, nt) / a.k * a.a1_stride;
       float acc[2][kTokens];
-      warp_dots<T, 2, kUnroll1>(wr, x, nt, H, acc);
+      warp_dots<T, 2, S.unroll1>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
       if (lane < nt) {
         // Lane t writes token t (compile-time indices through the unrolled select).
@@ -138,25 +156,27 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2)
+template <typename T, int kShape>
+__global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
     gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
+  constexpr Shape S = kShapes<T>[kShape];
+  constexpr int kTokens = S.tokens, kRows2 = S.rows2;
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
   begin_gemm2(a, ids_s, sh);
   const DeviceWeights& w = a.w;
   const int64_t I = w.intermediate, H = w.hidden;
-  const int64_t tasks = H / kRows2<T>;
+  const int64_t tasks = H / kRows2;
   const int64_t items = sh.num_active * tasks;
   const int64_t warps = int64_t(gridDim.x) * kWarps;
   const T* w2 = static_cast<const T*>(w.w2);
   for (int64_t item = blockIdx.x * int64_t(kWarps) + threadIdx.x / kWarp; item < items;
        item += warps) {
     const int e = sh.active[item / tasks];
-    const int64_t row0 = (item % tasks) * kRows2<T>, ex = expert_index(w, e);
-    const T* wr[kRows2<T>];
+    const int64_t row0 = (item % tasks) * kRows2, ex = expert_index(w, e);
+    const T* wr[kRows2];
 #pragma unroll
-    for (int r = 0; r < kRows2<T>; ++r)
+    for (int r = 0; r < kRows2; ++r)
       wr[r] = w2 + ex * w.w2_expert_stride + (row0 + r) * w.w2_row_stride;
     int mine = 0;
     for (int pos = 0, nt; (nt = next_pairs<kTokens>(ids_s, a.num_pairs, e, pos, mine)) > 0;) {
@@ -167,15 +187,15 @@ __global__ void __launch_bounds__(kThreads, 2)
         pairs[t] = pair_of(mine, t, nt);
         x[t] = a.h + pairs[t] * I;
       }
-      float acc[kRows2<T>][kTokens];
-      warp_dots<T, kRows2<T>, kUnroll2<T>>(wr, x, nt, I, acc);
+      float acc[kRows2][kTokens];
+      warp_dots<T, kRows2, S.unroll2>(wr, x, nt, I, acc);
       const int lane = threadIdx.x % kWarp;
-      // Lane (t * kRows2<T> + r) writes row r of token t.
+      // Lane (t * kRows2 + r) writes row r of token t.
 #pragma unroll
       for (int t = 0; t < kTokens; ++t)
 #pragma unroll
-        for (int r = 0; r < kRows2<T>; ++r)
-          if (lane == t * kRows2<T> + r && t < nt) {
+        for (int r = 0; r < kRows2; ++r)
+          if (lane == t * kRows2 + r && t < nt) {
             const int64_t row = ex * H + row0 + r;
             a.out[static_cast<int64_t>(pairs[t]) * H + row0 + r] =
                 acc[r][t] * scale_at(w.s2, row) * scale_at(a.h_scale, pairs[t]) +
@@ -197,18 +217,25 @@ RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
 
-// One chunk's gemm1 or gemm2, on the tensor-core kernels when mma (e4m3 only).
+// One chunk's gemm1 or gemm2, on the tensor-core kernels when mma (e4m3 only), else on the
+// CUDA-core kernels of the one-token shape when the chunk is one token.
 template <typename T, typename OutH>
 void launch(const Gemm1Args<T, OutH>& args, bool mma, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
     if (mma) return gemm1_mma(args, stream);
-  launch_persistent(gemm1_kernel<T, OutH>, args.num_pairs * sizeof(int32_t), stream, args);
+  const size_t smem = args.num_pairs * sizeof(int32_t);
+  if (args.num_pairs == args.k)
+    return launch_persistent(gemm1_kernel<T, OutH, kOneToken>, smem, stream, args);
+  launch_persistent(gemm1_kernel<T, OutH, kBatch>, smem, stream, args);
 }
 template <typename T>
 void launch(const Gemm2Args<T>& args, bool mma, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
     if (mma) return gemm2_mma(args, stream);
-  launch_persistent(gemm2_kernel<T>, args.num_pairs * sizeof(int32_t), stream, args);
+  const size_t smem = args.num_pairs * sizeof(int32_t);
+  if (args.num_pairs == args.k)
+    return launch_persistent(gemm2_kernel<T, kOneToken>, smem, stream, args);
+  launch_persistent(gemm2_kernel<T, kBatch>, smem, stream, args);
 }
 
 // GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
