@@ -16,9 +16,7 @@
 // shared memory, dots on the tensor cores, 16 tokens per pass) for e4m3 with more tokens, where
 // converting every code for each token's fp32 dot costs more issue slots than the loads.
 #include <algorithm>
-#include <cstdlib>
 #include <functional>
-#include <iterator>
 #include <type_traits>
 
 #include "cuda/small_batch.cuh"
