@@ -63,11 +63,12 @@ inline DType gemm2_out(DType ab) {
 }
 // Rows per group (on average) up to which bf16 GEMMs with bf16 output and e4m3 GEMMs take 64-row
 // pingpong tiles instead of 128-row cooperative ones (bench/notes_cuda.md v10, v12, v13; H200).
-// bf16: the whole layer is 8-12 % faster at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens,
-// deepseek-v3 64 and 256 tokens -3 to -4 %); the bf16 GEMM alone was 2.4 % slower at 64 rows per
-// expert and up to 28 % slower from 256. e4m3: qwen3-30b-a3b fp8 64 tokens (4 rows per expert)
-// -14 %, 1024 tokens (64) -4 %, gpt-oss-20b 1024 tokens (128) -6 %; from 256 rows per expert
-// mixed (mixtral-8x7b -2 to -4 %, gpt-oss-20b +16 to +22 %, qwen3-30b-a3b 16384 tokens +4 %).
+// bf16: the whole layer is 3-12 % faster at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens
+// -8 to -12 %, deepseek-v3 64 and 256 tokens -3 to -4 %); the bf16 GEMM alone was 2.4 % slower
+// at 64 rows per expert and up to 28 % slower from 256. e4m3: qwen3-30b-a3b fp8 64 tokens (4
+// rows per expert) -14 %, 1024 tokens (64) -4 %, gpt-oss-20b 1024 tokens (128) -6 %; from 256
+// rows per expert mixed (mixtral-8x7b -2 to -4 %, gpt-oss-20b +16 to +22 %, qwen3-30b-a3b 16384
+// tokens +4 %).
 inline constexpr int64_t kBf16FewRowsPerGroup = 32;
 inline constexpr int64_t kE4m3FewRowsPerGroup = 128;
 // The configuration for operands `ab` (kBF16, kF16, kF8E4M3) over groups of rows_per_group rows
