@@ -305,8 +305,8 @@ TEST(CudaBatched, ClampsCountsOutsideTheRows) {
   }
 }
 
-// The chooser: by default small-batch up to one row per local expert (cuda_small_batch_rows with
-// k = 1), the grouped GEMM above; MOEKIT_LOG_CHOICES logs each call's choice.
+// The chooser: by default small-batch up to one row per local expert, the grouped GEMM above;
+// MOEKIT_LOG_CHOICES logs each call's choice.
 TEST(CudaBatched, ChoosesThePathByTheRowsOffered) {
   SKIP_WITHOUT_CUDA();
   const Layer l = case_layer("bf16", false, false, 21);
@@ -314,7 +314,7 @@ TEST(CudaBatched, ChoosesThePathByTheRowsOffered) {
   ASSERT_EQ(setenv("MOEKIT_LOG_CHOICES", "1", 1), 0);
   const auto experts = l.experts(where.map, where.rank, -1);
   ASSERT_EQ(unsetenv("MOEKIT_LOG_CHOICES"), 0);
-  const int64_t threshold = cuda_small_batch_rows(kLocal, 1);
+  const int64_t threshold = kLocal;
   EXPECT_NE(std::string(experts->name()).find("<= " + std::to_string(threshold) + " rows"),
             std::string::npos)
       << experts->name();

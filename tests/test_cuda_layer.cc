@@ -98,11 +98,14 @@ TEST(CudaLayer, WholeForwardMatchesTheCpuAndReplaysInAGraph) {
 
 // Pure host arithmetic: runs without a GPU too.
 TEST(CudaLayer, SmallBatchCrossoverFollowsRowsPerExpert) {
-  EXPECT_EQ(cuda_small_batch_rows(128, 8), 16);  // qwen3-30b-a3b: 16 tokens stay small-batch
-  EXPECT_EQ(cuda_small_batch_rows(8, 2), 4);     // mixtral-8x7b: 16 tokens go to the grouped GEMM
-  EXPECT_EQ(cuda_small_batch_rows(256, 8), 32);  // deepseek-v3: 64 tokens to the grouped GEMM
-  EXPECT_EQ(cuda_small_batch_rows(1, 1), 1);     // a shared expert
-  EXPECT_EQ(cuda_small_batch_rows(0, 8), 1);     // a rank without experts
+  EXPECT_EQ(cuda_small_batch_rows(128, 8), 8);   // qwen3-30b-a3b: 16 tokens to the grouped GEMM
+  EXPECT_EQ(cuda_small_batch_rows(32, 4), 4);    // gpt-oss-20b: 8 tokens to the grouped GEMM
+  EXPECT_EQ(cuda_small_batch_rows(8, 2), 2);     // mixtral-8x7b
+  EXPECT_EQ(cuda_small_batch_rows(256, 8), 16);  // deepseek-v3: 32 tokens to the grouped GEMM
+  EXPECT_EQ(cuda_small_batch_rows(128, 8, DType::kF8E4M3), 4);  // fp8: half as many
+  EXPECT_EQ(cuda_small_batch_rows(8, 2, DType::kF8E4M3), 1);
+  EXPECT_EQ(cuda_small_batch_rows(1, 1), 1);  // a shared expert
+  EXPECT_EQ(cuda_small_batch_rows(0, 8), 1);  // a rank without experts
 }
 
 }  // namespace

@@ -155,8 +155,8 @@ std::shared_ptr<Experts> make_cuda_experts(const ExpertWeights& weights, const A
 // clamped into it, not reported. Per call, by the rows offered (E_local * N; the counts are not
 // known on the host): up to `max_small_rows` the small-batch kernels run over the rows as top-1
 // tokens (padding rows -1), above them the grouped GEMM reads a1 and writes out in place, expert
-// e's rows at offset e * N (no sort). max_small_rows -1: cuda_small_batch_rows(E_local, 1)
-// (layer.h), i.e. one row per local expert; 0: always the grouped GEMM. MOEKIT_LOG_CHOICES=1
+// e's rows at offset e * N (no sort). max_small_rows -1: E_local (at least 1), i.e. one row per
+// local expert; 0: always the grouped GEMM. MOEKIT_LOG_CHOICES=1
 // (read when the experts are built) logs each call's choice to stderr. apply() validates shapes,
 // dtypes, devices, contiguity and alignment before enqueueing anything (throws moekit::Error).
 std::shared_ptr<Experts> make_cuda_batched_experts(const ExpertWeights& weights,

@@ -54,8 +54,8 @@ class MoELayer {
 
   MoELayerConfig config_;
   std::shared_ptr<ModularKernel> routed_, shared_;
-  std::vector<std::shared_ptr<void>> buffers_;  // owns the scratch below
-  TensorView correction_bias_;                  // [E] fp32 or absent
+  std::vector<std::shared_ptr<void>> buffers_;                           // owns the scratch below
+  TensorView correction_bias_;                                           // [E] fp32 or absent
   TensorView ids_, weights_, shared_out_, shared_ids_, shared_weights_;  // [chunk, ...]
 };
 
@@ -82,14 +82,18 @@ struct CudaLayerOptions {
   int64_t max_small_tokens = -1;
 };
 
-// The rows up to which the small-batch (decode) experts beat the grouped GEMM, from the shape:
-// small-batch streams each active expert's weights once per few rows, the grouped GEMM once per
-// tile of rows at a fixed cost of sorting and launches, so the crossover is at about one row per
-// expert on average: rows * k <= E_local, i.e. rows <= max(1, E_local / k). Measured on H100
-// (bench/notes_cuda_v1-v7.md): one row per expert (qwen3 at 16 tokens) favours small-batch; two
-// (deepseek-v3 at 64 tokens: 3.9 per active expert, 6.75 ms vs 6.0 ms grouped at 256 tokens) and
-// four (mixtral at 16 tokens) the grouped GEMM.
-int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k);
+// The rows up to which the small-batch (decode) experts beat the grouped GEMM, from the shape and
+// the weights' element type: small-batch streams each active expert's weights once per few rows
+// (again for each pass of 4 rows that an expert holds), the grouped GEMM once per tile of rows at
+// a fixed cost of sorting and launches. Up to half a row per local expert for 16-bit weights,
+// rows * k <= E_local / 2; up to a quarter for fp8 weights (DType::kF8E4M3), whose small-batch
+// kernels for more than a few rows per expert are slower: rows <= max(1, E_local / (2k)) or
+// max(1, E_local / (4k)). Measured on an H200 (bench/notes_cuda.md v14), us small-batch vs grouped
+// GEMM, bf16: qwen3-30b-a3b 8 tokens 155 vs 168, 16 tokens 256 vs 224; gpt-oss-20b 4 tokens 203
+// vs 235, 8 tokens 328 vs 304; deepseek-v3 8 tokens 1126 vs 1147, 32 tokens 3237 vs 2257; but
+// mixtral-8x7b 4 tokens 525 vs 551. fp8-token: qwen3-30b-a3b 4 tokens 79 vs 88, 8 tokens 118 vs
+// 116; gpt-oss-20b 2 tokens 105 vs 110, 4 tokens 156 vs 151; mixtral-8x7b 2 tokens 229 vs 217.
+int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k, DType weights = DType::kBF16);
 
 // A layer on the CUDA device that holds the weights: routed weights global [E, ...] on the
 // device (the rank's experts are viewed, not copied: they must outlive the layer), shared (if

@@ -22,7 +22,6 @@
 #include "cuda/check.h"
 #include "cuda/experts_base.h"
 #include "cuda/grouped_gemm.h"
-#include "moekit/layer.h"
 
 namespace moekit::cuda {
 namespace {
@@ -41,7 +40,7 @@ class BatchedExperts final : public CudaExpertsBase {
         // (N = 8 with one valid row each: 73 vs 92 us) and loses by 30x and more when they are not,
         // while the grouped GEMM's time hardly moves with the counts (92 to 112 us up to N = 128).
         max_small_(max_small_rows >= 0 ? max_small_rows
-                                       : cuda_small_batch_rows(info_.num_local_experts, 1)),
+                                       : std::max<int64_t>(1, info_.num_local_experts)),
         log_choices_(std::getenv("MOEKIT_LOG_CHOICES") != nullptr) {
     MOEKIT_CHECK(max_small_rows >= -1, name_, ": max_small_rows ", max_small_rows,
                  " < -1 (-1: from the shape)");

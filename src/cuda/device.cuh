@@ -52,7 +52,8 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
   return acc;
 }
 
-// 16 bytes of elements T (8 bf16 or fp16, 16 e4m3): kElems, and acc + dot(w, x) in fp32.
+// 16 bytes of elements T (8 bf16 or fp16, 16 e4m3): kElems, and (16-bit T) acc + dot(w, x) in
+// fp32.
 template <typename T>
 struct Vec16;
 
@@ -81,29 +82,11 @@ struct Vec16<__half> {
   }
 };
 
-// e4m3 -> fp16 is exact; products are taken in fp32 (448 * 448 overflows fp16).
-__device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t v) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
-  return __half22float2(__half2(h));
-}
-
+// e4m3 codes are dotted on the tensor cores only (mma_dot2, small_batch_mma.cu): an fp32 dot
+// would convert every code.
 template <>
 struct Vec16<__nv_fp8_e4m3> {
   static constexpr int kElems = 16;
-  static __device__ __forceinline__ float dot(uint4 w, uint4 x, float acc) {
-    const uint32_t wv[4] = {w.x, w.y, w.z, w.w};
-    const uint32_t xv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float2 a = e4m3x2_to_float2(static_cast<uint16_t>(wv[i] >> (16 * half)));
-        const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(xv[i] >> (16 * half)));
-        acc = fmaf(a.x, b.x, acc);
-        acc = fmaf(a.y, b.y, acc);
-      }
-    return acc;
-  }
 };
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -139,6 +122,52 @@ __device__ __forceinline__ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t 
       "{%8, %9}, {%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d += A . B on the tensor cores, one warp, for 16-byte element types T: mma.sync m16n8k16 (bf16,
+// fp16) or m16n8k32 (e4m3), fp32 accumulators. All three own their fragments alike in 32-bit words
+// (2 or 4 elements), with g = lane / 4, t = lane % 4: a = {row g, row g + 8, row g, row g + 8} x
+// {word t; word t + 4} of A (16 x 16 or 16 x 32, row-major), b = {column g} x {word t, word t + 4}
+// of B (column-major), d = {row g, row g + 8} x {columns 2t, 2t + 1}.
+template <typename T>
+__device__ __forceinline__ void mma_words(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
+    mma_m16n8k32_e4m3(d, a, b0, b1);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two dot products of one warp on the tensor cores, each lane holding its own 16 bytes of two
+// weight rows (w0, w1) and of one activation row (x), at the same places: d += one mma_words
+// per 8 bytes with A row g = lane group g's w0 words, A row g + 8 = its w1 words, B column g =
+// its x words. Then the diagonal D[g][g] sums group g's w0 . x terms and D[g + 8][g] its w1 . x
+// terms (the other entries are cross terms, never read): diagonal_sums gives the warp's totals.
+// A lane's loads stay 16 contiguous bytes of a row and no element is converted.
+template <typename T>
+__device__ __forceinline__ void mma_dot2(float (&d)[4], uint4 w0, uint4 w1, uint4 x) {
+  mma_words<T>(d, {w0.x, w1.x, w0.y, w1.y}, x.x, x.y);
+  mma_words<T>(d, {w0.z, w1.z, w0.w, w1.w}, x.z, x.w);
+}
+// The warp's sums of mma_dot2's two dots (D[g][g] and D[g + 8][g] sit in lane 4g + g / 2,
+// elements g % 2 and 2 + g % 2), on every lane.
+__device__ __forceinline__ float2 diagonal_sums(const float (&d)[4]) {
+  const int lane = threadIdx.x % kWarp, g = lane / 4;
+  const bool mine = lane % 4 == g / 2;
+  const float s0 = mine ? (g % 2 ? d[1] : d[0]) : 0.0f;
+  const float s1 = mine ? (g % 2 ? d[3] : d[2]) : 0.0f;
+  return make_float2(warp_sum(s0), warp_sum(s1));
 }
 
 template <typename T>

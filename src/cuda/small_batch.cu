@@ -2,19 +2,20 @@
 // weights. Every weight row of an active expert is streamed from memory once and applied to all
 // of that expert's tokens; the work of all active experts is spread over every SM. Two launches
 // per token chunk, gemm1 and gemm2 (small_batch.cuh), where pair = t * k + s and e = ids[t, s].
-// Weights and activations are of one element type T (bf16, fp16, e4m3); the dots run in fp32 on
-// the stored codes, then take the weight row's scale and the activation row's scale (e4m3; 1 for
-// float formats). With e4m3, h is written in fp32 and requantized between the launches (as
+// Weights and activations are of one element type T (bf16, fp16, e4m3); the dots sum the stored
+// codes' products in fp32, then take the weight row's scale and the activation row's scale (e4m3;
+// 1 for float formats). With e4m3, h is written in fp32 and requantized between the launches (as
 // DeviceWeights::a2_scale says): fp8 weights halve the bytes streamed, and W2 reads e4m3
 // activations like the grouped GEMM. Each block lists the active experts on its own (a bitmap of
 // the ids in shared memory), then its warps work persistently through the items (active expert,
 // rows); no sort or host round trip precedes the launches. Both launches are chained
 // (programmatic dependent launch, device.cuh): gemm2 is scheduled as gemm1's blocks retire and
 // lists its experts before waiting for h.
-// Two kernel families: this file's (16-byte loads straight into registers, dots on the CUDA
-// cores) for bf16 and fp16, and for e4m3 at one token; small_batch_mma.cu's (rows staged in
-// shared memory, dots on the tensor cores, 16 tokens per pass) for e4m3 with more tokens, where
-// converting every code for each token's fp32 dot costs more issue slots than the loads.
+// Two kernel families: this file's (16-byte loads of each lane straight into registers; dots on
+// the tensor cores through mma_dot2 for chunks of few pairs, else fp32 FMAs) for every chunk of
+// bf16 and fp16 and for e4m3 chunks of few pairs; small_batch_mma.cu's (rows staged in shared
+// memory, tensor-core tiles of 8 rows x 16 tokens) for the other e4m3 chunks, where converting
+// every code for each token's fp32 dot costs more issue slots than the loads.
 #include <algorithm>
 #include <functional>
 #include <type_traits>
@@ -35,39 +36,51 @@ struct Shape {
   int rows2;
   int unroll2;
   int min_blocks;
+  bool mma;  // dots on the tensor cores (warp_dots)
 };
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
-// summed over the warp. Tokens t >= nt are skipped.
-template <typename T, int R, int U, int kTokens>
+// summed over the warp. Tokens t >= nt are skipped. kMma: the dots on the tensor cores, rows in
+// pairs (mma_dot2, device.cuh; an odd last row pairs with zeros), else fp32 FMAs on the CUDA cores.
+// Lane l takes chunks l, l + 32, ...; past the row's end its chunks are zeros (the MMAs need the
+// whole warp, so the loop bounds are warp-uniform).
+template <typename T, int R, int U, bool kMma, int kTokens>
 __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const (&x)[kTokens],
                                           int nt, int64_t K, float (&acc)[R][kTokens]) {
-  constexpr int kElems = Vec16<T>::kElems;
+  constexpr int kElems = Vec16<T>::kElems, kPairs = (R + 1) / 2;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
   const int lane = threadIdx.x % kWarp;
   const int64_t chunks = K / kElems;
+  float d[kPairs][kTokens][4] = {};
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) acc[r][t] = 0.0f;
-  for (int64_t c0 = lane; c0 < chunks; c0 += kWarp * U) {
-    uint4 wv[U][R];
+  for (int64_t c0 = 0; c0 < chunks; c0 += kWarp * U) {
+    uint4 wv[U][R + 1];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * kWarp;
+      const int64_t c = c0 + u * kWarp + lane;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[u][r] = c < chunks ? load_stream(w[r] + c * kElems) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < R; ++r) wv[u][r] = c < chunks ? load_stream(w[r] + c * kElems) : zero;
+      wv[u][R] = zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * kWarp;
-      if (c >= chunks) break;
+      if (c0 + u * kWarp >= chunks) break;
+      const int64_t c = c0 + u * kWarp + lane;
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) {
         if (t >= nt) break;
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x[t]) + c);
+        const uint4 xv = c < chunks ? __ldg(reinterpret_cast<const uint4*>(x[t]) + c) : zero;
+        if constexpr (kMma) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][t] = Vec16<T>::dot(wv[u][r], xv, acc[r][t]);
+          for (int p = 0; p < kPairs; ++p)
+            mma_dot2<T>(d[p][t], wv[u][2 * p], wv[u][2 * p + 1 < R ? 2 * p + 1 : R], xv);
+        } else {
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r][t] = Vec16<T>::dot(wv[u][r], xv, acc[r][t]);
+        }
       }
     }
   }
@@ -75,32 +88,42 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
 #pragma unroll
   for (int t = 0; t < kTokens; ++t) {
     if (t >= nt) break;
+    if constexpr (kMma) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r][t] = warp_sum(acc[r][t]);
+      for (int p = 0; p < kPairs; ++p) {
+        const float2 s = diagonal_sums(d[p][t]);
+        acc[2 * p][t] = s.x;
+        if (2 * p + 1 < R) acc[2 * p + 1][t] = s.y;
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][t] = warp_sum(acc[r][t]);
+    }
   }
 }
 
 // Persistent warps: item i = (active expert i / tasks, task i % tasks), items spread over every
 // warp of the grid. A GEMM1 task is intermediate column j (gate and up rows; non-gated: columns
-// 2j, 2j+1); a GEMM2 task is S.rows2 consecutive output rows. gemm2 on 16-bit elements: 4 rows x
-// 3 chunks (3 x 32 chunks cover a row of 768 in one pass; 4 x 4 spills past the 128 registers of
-// 2 blocks per SM); on e4m3 (16 codes a chunk, a longer dot) 4 x 3 spills too, so 2 x 4.
-// kBatch: 4 tokens per pass, 96-128 registers, 2 blocks per SM. kOneToken (chunks of one token,
-// decode): one token per pass frees the registers for 3 blocks per SM (76-80 registers, no
-// spills); on an H200 (bench/notes_cuda.md v13) the layer at one token is 6-13 % faster on
-// qwen3-30b-a3b and gpt-oss-20b (bf16 and fp8-token), 9 % on mixtral-8x7b fp8-token, the same on
-// mixtral-8x7b bf16. 4 blocks per SM spill and lose 12 % on mixtral-8x7b bf16.
-template <typename T>
+// 2j, 2j+1); a GEMM2 task is S.rows2 consecutive output rows.
+// kBatch (16-bit elements; e4m3 chunks of many pairs take small_batch_mma.cu's kernels): 4 tokens
+// per pass, fp32 FMAs, gemm2 items of 4 rows x 3 chunks in flight (3 x 32 chunks cover a row of
+// 768 in one pass), 96-128 registers, 2 blocks per SM.
+// kOneToken (chunks of few pairs, launch below): one token per pass, dots on the tensor cores
+// (warp_dots), 2 rows x 3 chunks in flight per item of either kernel, 64 registers (e4m3 gemm1
+// spills 36 bytes), 4 blocks per SM. On an H200 (bench/notes_cuda.md v14), against session 9's
+// CUDA-core shape (fp32 FMAs, 3 blocks per SM), the layer at one token: qwen3-30b-a3b bf16 -3 %,
+// fp8-token -6 %, gpt-oss-20b fp8-token -7 %, mixtral-8x7b bf16 and fp8-token -5 to -7 %,
+// gpt-oss-20b bf16 +2 %.
+enum Shapes { kBatch, kOneToken };
 constexpr Shape kShapes[] = {
-    {4, 4, sizeof(T) == 1 ? 2 : 4, sizeof(T) == 1 ? 4 : 3, 2},
-    {1, 4, sizeof(T) == 1 ? 2 : 4, sizeof(T) == 1 ? 4 : 3, 3},
+    {4, 4, 4, 3, 2, false},
+    {1, 3, 2, 3, 4, true},
 };
-constexpr int kBatch = 0, kOneToken = 1;
 
 template <typename T, typename OutH, int kShape>
-__global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
+__global__ void __launch_bounds__(kThreads, kShapes[kShape].min_blocks)
     gemm1_kernel(const __grid_constant__ Gemm1Args<T, OutH> a) {
-  constexpr Shape S = kShapes<T>[kShape];
+  constexpr Shape S = kShapes[kShape];
   constexpr int kTokens = S.tokens;
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
@@ -131,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) x[t] = a.a1 + pair_of(mine, t, nt) / a.k * a.a1_stride;
       float acc[2][kTokens];
-      warp_dots<T, 2, S.unroll1>(wr, x, nt, H, acc);
+      warp_dots<T, 2, S.unroll1, S.mma>(wr, x, nt, H, acc);
       const int lane = threadIdx.x % kWarp;
       if (lane < nt) {
         // Lane t writes token t (compile-time indices through the unrolled select).
@@ -155,9 +178,9 @@ __global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
 }
 
 template <typename T, int kShape>
-__global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
+__global__ void __launch_bounds__(kThreads, kShapes[kShape].min_blocks)
     gemm2_kernel(const __grid_constant__ Gemm2Args<T> a) {
-  constexpr Shape S = kShapes<T>[kShape];
+  constexpr Shape S = kShapes[kShape];
   constexpr int kTokens = S.tokens, kRows2 = S.rows2;
   extern __shared__ int32_t ids_s[];
   __shared__ Shared sh;
@@ -186,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, kShapes<T>[kShape].min_blocks)
         x[t] = a.h + pairs[t] * I;
       }
       float acc[kRows2][kTokens];
-      warp_dots<T, kRows2, S.unroll2>(wr, x, nt, I, acc);
+      warp_dots<T, kRows2, S.unroll2, S.mma>(wr, x, nt, I, acc);
       const int lane = threadIdx.x % kWarp;
       // Lane (t * kRows2 + r) writes row r of token t.
 #pragma unroll
@@ -215,52 +238,58 @@ RowScale offset(RowScale s, int64_t rows) {
   return s.scale ? RowScale{s.scale + rows * s.stride, s.stride} : s;
 }
 
-// One chunk's gemm1 or gemm2, on the tensor-core kernels when mma (e4m3 only), else on the
-// CUDA-core kernels of the one-token shape when the chunk is one token.
+// The kernels of a chunk: kOneToken when its pairs are few for the local experts (at most
+// max(k, E_local / 4): most of its experts then hold one pair, and an expert's rows read again for
+// its next pair come mostly from L2), else kBatch, or small_batch_mma.cu's tensor-core kernels
+// for e4m3 (whose fp32 dots would convert every code for every token). On an H200 (v14), chunks
+// of 2 tokens on kOneToken against kBatch / the e4m3 tensor-core kernels: qwen3-30b-a3b bf16
+// -6 %, fp8-token -7 %, gpt-oss-20b bf16 -7 %, fp8-token -22 %; at 4 tokens on qwen3-30b-a3b
+// (E / 4 pairs) -1 and -3 %; but +23 % on mixtral-8x7b bf16 at 2 tokens (4 pairs on 8 experts).
+template <typename Args>
+bool few_pairs(const Args& args) {
+  return args.num_pairs <= std::max(args.k, args.w.num_local / 4);
+}
+
 template <typename T, typename OutH>
-void launch(const Gemm1Args<T, OutH>& args, bool mma, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
-    if (mma) return gemm1_mma(args, stream);
+void launch(const Gemm1Args<T, OutH>& args, cudaStream_t stream) {
   const size_t smem = args.num_pairs * sizeof(int32_t);
-  if (args.num_pairs == args.k)
+  if (few_pairs(args))
     return launch_persistent(gemm1_kernel<T, OutH, kOneToken>, smem, stream, args);
-  launch_persistent(gemm1_kernel<T, OutH, kBatch>, smem, stream, args);
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
+    gemm1_mma(args, stream);
+  else
+    launch_persistent(gemm1_kernel<T, OutH, kBatch>, smem, stream, args);
 }
 template <typename T>
-void launch(const Gemm2Args<T>& args, bool mma, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
-    if (mma) return gemm2_mma(args, stream);
+void launch(const Gemm2Args<T>& args, cudaStream_t stream) {
   const size_t smem = args.num_pairs * sizeof(int32_t);
-  if (args.num_pairs == args.k)
-    return launch_persistent(gemm2_kernel<T, kOneToken>, smem, stream, args);
-  launch_persistent(gemm2_kernel<T, kBatch>, smem, stream, args);
+  if (few_pairs(args)) return launch_persistent(gemm2_kernel<T, kOneToken>, smem, stream, args);
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
+    gemm2_mma(args, stream);
+  else
+    launch_persistent(gemm2_kernel<T, kBatch>, smem, stream, args);
 }
 
 // GEMM1 into h (OutH: T for float formats, fp32 before requantization), then GEMM2 from hq.
-// e4m3 with more than one token takes the tensor-core kernels (small_batch_mma.cu). On an H200
-// (bench/notes_cuda.md v12) they were 12-38 % faster at 2-16 tokens on qwen3-30b-a3b (16: 282 ->
-// 174 us) and 16 % at 8 on gpt-oss-20b, 3-4 % slower at 2 tokens on gpt-oss-20b and mixtral-8x7b,
-// up to 24 % slower at one token; on bf16 slower at every token count (2-18 %).
 template <typename T, typename OutH>
 void run_small_batch(const DeviceWeights& w, const T* a1, int64_t a1_stride, RowScale a1_scale,
                      const int32_t* ids, int64_t ids_stride, int64_t M, int k, OutH* h, const T* hq,
                      RowScale h_scale, const std::function<void()>& requantize, float* fused_out,
                      cudaStream_t stream) {
   const int64_t I = w.intermediate, H = w.hidden;
-  const bool mma = std::is_same_v<T, __nv_fp8_e4m3> && M > 1;
   // Chained launches (device.cuh): each kernel's launch and routing overlap the previous one's
   // tail; gemm1 follows the prepare's kernels, weight-and-reduce follows gemm2. Arguments in the
   // order of Gemm1Args / Gemm2Args.
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
     launch(Gemm1Args<T, OutH>{w, a1 + t0 * a1_stride, a1_stride, offset(a1_scale, t0),
                               ids + t0 * ids_stride, ids_stride, pairs, k, h + t0 * k * I},
-           mma, stream);
+           stream);
   });
   if (requantize) requantize();
   for_each_chunk(M, k, [&](int64_t t0, int pairs) {
     launch(Gemm2Args<T>{w, hq + t0 * k * I, offset(h_scale, t0 * k), ids + t0 * ids_stride,
                         ids_stride, pairs, k, fused_out + t0 * k * H},
-           mma, stream);
+           stream);
   });
 }
 
