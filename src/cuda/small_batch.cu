@@ -239,21 +239,25 @@ RowScale offset(RowScale s, int64_t rows) {
 }
 
 // The kernels of a chunk: kOneToken when its pairs are few for the local experts (at most
-// max(k, E_local / 4): most of its experts then hold one pair, and an expert's rows read again for
-// its next pair come mostly from L2), else kBatch, or small_batch_mma.cu's tensor-core kernels
-// for e4m3 (whose fp32 dots would convert every code for every token). On an H200 (v14), chunks
-// of 2 tokens on kOneToken against kBatch / the e4m3 tensor-core kernels: qwen3-30b-a3b bf16
-// -6 %, fp8-token -7 %, gpt-oss-20b bf16 -7 %, fp8-token -22 %; at 4 tokens on qwen3-30b-a3b
-// (E / 4 pairs) -1 and -3 %; but +23 % on mixtral-8x7b bf16 at 2 tokens (4 pairs on 8 experts).
-template <typename Args>
+// max(k, E_local / 4); 16-bit elements also at most 2 tokens: most of its experts then hold one
+// pair, and an expert's rows read again for its next pair come mostly from L2), else kBatch, or
+// small_batch_mma.cu's tensor-core kernels for e4m3 (whose fp32 dots would convert every code for
+// every token). On an H200 (v14), kOneToken against kBatch / the e4m3 tensor-core kernels: bf16
+// at 2 tokens qwen3-30b-a3b -6 %, gpt-oss-20b -7 %, deepseek-v3 +2 %, at 4 tokens qwen3-30b-a3b
+// -1 %, deepseek-v3 +3 %, at 8 deepseek-v3 +20 %; fp8-token at 2 tokens qwen3-30b-a3b -7 %,
+// gpt-oss-20b -22 %, deepseek-v3 -12 %, at 4 tokens qwen3-30b-a3b -3 %, deepseek-v3 -11 %, at 8
+// deepseek-v3 +5 %; mixtral-8x7b bf16 at 2 tokens (4 pairs on 8 experts) +23 %.
+template <typename T, typename Args>
 bool few_pairs(const Args& args) {
-  return args.num_pairs <= std::max(args.k, args.w.num_local / 4);
+  const int quarter = args.w.num_local / 4;
+  const int most = sizeof(T) == 1 ? quarter : std::min(2 * args.k, quarter);
+  return args.num_pairs <= std::max(args.k, most);
 }
 
 template <typename T, typename OutH>
 void launch(const Gemm1Args<T, OutH>& args, cudaStream_t stream) {
   const size_t smem = args.num_pairs * sizeof(int32_t);
-  if (few_pairs(args))
+  if (few_pairs<T>(args))
     return launch_persistent(gemm1_kernel<T, OutH, kOneToken>, smem, stream, args);
   if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
     gemm1_mma(args, stream);
@@ -263,7 +267,7 @@ void launch(const Gemm1Args<T, OutH>& args, cudaStream_t stream) {
 template <typename T>
 void launch(const Gemm2Args<T>& args, cudaStream_t stream) {
   const size_t smem = args.num_pairs * sizeof(int32_t);
-  if (few_pairs(args)) return launch_persistent(gemm2_kernel<T, kOneToken>, smem, stream, args);
+  if (few_pairs<T>(args)) return launch_persistent(gemm2_kernel<T, kOneToken>, smem, stream, args);
   if constexpr (std::is_same_v<T, __nv_fp8_e4m3>)
     gemm2_mma(args, stream);
   else
