@@ -62,7 +62,8 @@ inline DType gemm2_out(DType ab) {
   return ab == DType::kBF16 ? ab : DType::kF32;
 }
 // Rows per group (on average) up to which bf16 GEMMs with bf16 output and e4m3 GEMMs take 64-row
-// pingpong tiles instead of 128-row cooperative ones (bench/notes_cuda.md v10, v12, v13; H200).
+// pingpong tiles instead of 128-row cooperative ones (bench/notes_cuda_v8-v11.md v10,
+// bench/notes_cuda.md v12, v13; H200).
 // bf16: the whole layer is 3-12 % faster at 2-32 rows per expert (mixtral-8x7b 16 and 64 tokens
 // -8 to -12 %, deepseek-v3 64 and 256 tokens -3 to -4 %); the bf16 GEMM alone was 2.4 % slower
 // at 64 rows per expert and up to 28 % slower from 256. e4m3: qwen3-30b-a3b fp8 64 tokens (4

@@ -110,10 +110,10 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
 // 768 in one pass), 96-128 registers, 2 blocks per SM.
 // kOneToken (chunks of few pairs, launch below): one token per pass, dots on the tensor cores
 // (warp_dots), 2 rows x 3 chunks in flight per item of either kernel, 64 registers (e4m3 gemm1
-// spills 36 bytes), 4 blocks per SM. On an H200 (bench/notes_cuda.md v14), against session 9's
-// CUDA-core shape (fp32 FMAs, 3 blocks per SM), the layer at one token: qwen3-30b-a3b bf16 -3 %,
-// fp8-token -6 %, gpt-oss-20b fp8-token -7 %, mixtral-8x7b bf16 and fp8-token -5 to -7 %,
-// gpt-oss-20b bf16 +2 %.
+// spills 36 bytes), 4 blocks per SM. On an H200 (bench/notes_cuda.md v14, two calls), against
+// session 9's CUDA-core shape (fp32 FMAs, 3 blocks per SM), the layer at one token: qwen3-30b-a3b
+// bf16 -2 to -5 %, fp8-token -6 to -7 %, gpt-oss-20b fp8-token -7 to -8 %, mixtral-8x7b bf16 -5
+// to -6 %, fp8-token -6 to -7 %; gpt-oss-20b bf16 +1 to +2 %.
 enum Shapes { kBatch, kOneToken };
 constexpr Shape kShapes[] = {
     {4, 4, 4, 3, 2, false},
@@ -243,9 +243,9 @@ RowScale offset(RowScale s, int64_t rows) {
 // pair, and an expert's rows read again for its next pair come mostly from L2), else kBatch, or
 // small_batch_mma.cu's tensor-core kernels for e4m3 (whose fp32 dots would convert every code for
 // every token). On an H200 (v14), kOneToken against kBatch / the e4m3 tensor-core kernels: bf16
-// at 2 tokens qwen3-30b-a3b -6 %, gpt-oss-20b -7 %, deepseek-v3 +2 %, at 4 tokens qwen3-30b-a3b
-// -1 %, deepseek-v3 +3 %, at 8 deepseek-v3 +20 %; fp8-token at 2 tokens qwen3-30b-a3b -7 %,
-// gpt-oss-20b -22 %, deepseek-v3 -12 %, at 4 tokens qwen3-30b-a3b -3 %, deepseek-v3 -11 %, at 8
+// at 2 tokens qwen3-30b-a3b -7 %, gpt-oss-20b -6 %, deepseek-v3 +2 %, at 4 tokens qwen3-30b-a3b
+// -2 %, deepseek-v3 +3 %, at 8 deepseek-v3 +20 %; fp8-token at 2 tokens qwen3-30b-a3b -7 %,
+// gpt-oss-20b -23 %, deepseek-v3 -12 %, at 4 tokens qwen3-30b-a3b -3 %, deepseek-v3 -11 %, at 8
 // deepseek-v3 +5 %; mixtral-8x7b bf16 at 2 tokens (4 pairs on 8 experts) +23 %.
 template <typename T, typename Args>
 bool few_pairs(const Args& args) {

@@ -1,14 +1,14 @@
-// Small-batch gemm1 and gemm2 (small_batch.cuh) on e4m3 for more than one token: the dots on the
-// tensor cores. A warp takes items of 8 weight rows and up to 16 of the expert's tokens per pass,
-// as m16n8k32 tiles (tokens x rows, fp32 sums, device.cuh). The rows stream row-major through a
-// per-warp cp.async ring in shared memory; since a dot may take its terms in any order, each
-// 16-byte chunk a lane reads from the ring is directly the B fragment of two k-steps, and the
-// tokens' chunks at the same places (16-byte loads through L1) their A fragments: no conversions,
-// no shuffles, one MMA per 8 x 16 products. Then the weight row's scale, the activation row's
-// scale (e4m3; 1 for float formats) and the bias, as in small_batch.cu. Items go to blocks
-// round-robin (item i to block i % grid), so that items fewer than the grid's warps still
-// spread over every SM. (The same kernels on bf16 were slower than small_batch.cu's at every
-// token count measured: bench/notes_cuda.md v12.)
+// Small-batch gemm1 and gemm2 (small_batch.cuh) on e4m3 for chunks of more than a few pairs
+// (small_batch.cu's few_pairs takes the others): the dots on the tensor cores. A warp takes items
+// of 8 weight rows and up to 16 of the expert's tokens per pass, as m16n8k32 tiles (tokens x rows,
+// fp32 sums, device.cuh). The rows stream row-major through a per-warp cp.async ring in shared
+// memory; since a dot may take its terms in any order, each 16-byte chunk a lane reads from the
+// ring is directly the B fragment of two k-steps, and the tokens' chunks at the same places
+// (16-byte loads through L1) their A fragments: no conversions, no shuffles, one MMA per 8 x 16
+// products. Then the weight row's scale, the activation row's scale (e4m3; 1 for float formats) and
+// the bias, as in small_batch.cu. Items go to blocks round-robin (item i to block i % grid), so
+// that items fewer than the grid's warps still spread over every SM. (The same kernels on bf16 were
+// slower than small_batch.cu's at every token count measured: bench/notes_cuda.md v12.)
 #include "cuda/small_batch.cuh"
 
 namespace moekit::cuda::small_batch {
