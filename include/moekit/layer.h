@@ -54,8 +54,8 @@ class MoELayer {
 
   MoELayerConfig config_;
   std::shared_ptr<ModularKernel> routed_, shared_;
-  std::vector<std::shared_ptr<void>> buffers_;                           // owns the scratch below
-  TensorView correction_bias_;                                           // [E] fp32 or absent
+  std::vector<std::shared_ptr<void>> buffers_;  // owns the scratch below
+  TensorView correction_bias_;                  // [E] fp32 or absent
   TensorView ids_, weights_, shared_out_, shared_ids_, shared_weights_;  // [chunk, ...]
 };
 
@@ -85,10 +85,10 @@ struct CudaLayerOptions {
 // The rows up to which the small-batch (decode) experts beat the grouped GEMM, from the shape and
 // the weights' element type: small-batch streams each active expert's weights once per few rows
 // (again for each pass of 4 rows that an expert holds), the grouped GEMM once per tile of rows at
-// a fixed cost of sorting and launches. Up to half a row per local expert for 16-bit weights,
-// rows * k <= E_local / 2; up to a quarter for fp8 weights (DType::kF8E4M3), whose small-batch
-// kernels for more than a few rows per expert are slower: rows <= max(1, E_local / (2k)) or
-// max(1, E_local / (4k)). Measured on an H200 (bench/notes_cuda.md v14), us small-batch vs grouped
+// a fixed cost of sorting and launches. Up to half a (token, expert) pair per local expert for
+// 16-bit weights, rows <= max(1, E_local / (2k)); up to a quarter for fp8 weights
+// (DType::kF8E4M3), whose small-batch kernels for more than a few pairs per expert are slower,
+// rows <= max(1, E_local / (4k)). Measured on an H200 (bench/notes_cuda.md v14), us small-batch vs grouped
 // GEMM, bf16: qwen3-30b-a3b 8 tokens 154 vs 168, 16 tokens 257 vs 225; gpt-oss-20b 4 tokens 203
 // vs 231, 8 tokens 329 vs 303; deepseek-v3 8 tokens 1126 vs 1147, 32 tokens 3237 vs 2257; but
 // mixtral-8x7b 4 tokens 525 vs 573. fp8-token: qwen3-30b-a3b 4 tokens 79 vs 87, 8 tokens 118 vs

@@ -24,8 +24,7 @@ std::unique_ptr<MoELayer> make_cuda_layer(const MoELayerConfig& config,
                map.str(), " does not have the router's E=", config.router.num_experts);
   const Device device = routed_weights.w13.device;
   MOEKIT_CHECK(device.type == DeviceType::kCUDA,
-               "make_cuda_layer: routed weights must be on a "
-               "CUDA device, got ",
+               "make_cuda_layer: routed weights must be on a CUDA device, got ",
                routed_weights.w13.str());
   const KernelConfig kernel{config.router.top_k, config.act_dtype, config.chunk_tokens, device,
                             cuda_workspace_allocator(device.id)};
