@@ -84,15 +84,15 @@ struct CudaLayerOptions {
 
 // The rows up to which the small-batch (decode) experts beat the grouped GEMM, from the shape and
 // the weights' element type: small-batch streams each active expert's weights once per few rows
-// (again for each pass of 4 rows that an expert holds), the grouped GEMM once per tile of rows at
-// a fixed cost of sorting and launches. Up to half a (token, expert) pair per local expert for
-// 16-bit weights, rows <= max(1, E_local / (2k)); up to a quarter for fp8 weights
-// (DType::kF8E4M3), whose small-batch kernels for more than a few pairs per expert are slower,
-// rows <= max(1, E_local / (4k)). Measured on an H200 (bench/notes_cuda.md v14), us small-batch vs grouped
-// GEMM, bf16: qwen3-30b-a3b 8 tokens 154 vs 168, 16 tokens 257 vs 225; gpt-oss-20b 4 tokens 203
-// vs 231, 8 tokens 329 vs 303; deepseek-v3 8 tokens 1126 vs 1147, 32 tokens 3237 vs 2257; but
-// mixtral-8x7b 4 tokens 525 vs 573. fp8-token: qwen3-30b-a3b 4 tokens 79 vs 87, 8 tokens 118 vs
-// 116; gpt-oss-20b 2 tokens 105 vs 113, 4 tokens 155 vs 151; mixtral-8x7b 2 tokens 229 vs 215.
+// (again for each pass of 4 rows that an expert holds), the grouped GEMM once per tile of rows at a
+// fixed cost of sorting and launches. Up to half a (token, expert) pair per local expert for 16-bit
+// weights, rows <= max(1, E_local / (2k)); up to a quarter for fp8 weights (DType::kF8E4M3), whose
+// small-batch kernels for more than a few pairs per expert are slower, rows <= max(1, E_local /
+// (4k)). Measured on an H200 (bench/notes_cuda.md v14), us small-batch vs grouped GEMM, bf16:
+// qwen3-30b-a3b 8 tokens 154 vs 168, 16 tokens 257 vs 225; gpt-oss-20b 4 tokens 203 vs 231, 8
+// tokens 329 vs 303; deepseek-v3 8 tokens 1126 vs 1147, 32 tokens 3237 vs 2257; but mixtral-8x7b 4
+// tokens 525 vs 573. fp8-token: qwen3-30b-a3b 4 tokens 79 vs 87, 8 tokens 118 vs 116; gpt-oss-20b 2
+// tokens 105 vs 113, 4 tokens 155 vs 151; mixtral-8x7b 2 tokens 229 vs 215.
 int64_t cuda_small_batch_rows(int64_t num_local_experts, int top_k, DType weights = DType::kBF16);
 
 // A layer on the CUDA device that holds the weights: routed weights global [E, ...] on the
