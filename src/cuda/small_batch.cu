@@ -41,13 +41,14 @@ struct Shape {
 
 // acc[r][t] = row w[r] . x[t] over K (K a multiple of the 16-byte chunk, rows 16-byte aligned),
 // summed over the warp. Tokens t >= nt are skipped. kMma: the dots on the tensor cores, rows in
-// pairs (mma_dot2, device.cuh; an odd last row pairs with zeros), else fp32 FMAs on the CUDA cores.
+// pairs (mma_dot2, device.cuh; R even), else fp32 FMAs on the CUDA cores.
 // Lane l takes chunks l, l + 32, ...; past the row's end its chunks are zeros (the MMAs need the
 // whole warp, so the loop bounds are warp-uniform).
 template <typename T, int R, int U, bool kMma, int kTokens>
 __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const (&x)[kTokens],
                                           int nt, int64_t K, float (&acc)[R][kTokens]) {
-  constexpr int kElems = Vec16<T>::kElems, kPairs = (R + 1) / 2;
+  static_assert(!kMma || R % 2 == 0);
+  constexpr int kElems = Vec16<T>::kElems, kPairs = R / 2;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int lane = threadIdx.x % kWarp;
   const int64_t chunks = K / kElems;
@@ -57,13 +58,12 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) acc[r][t] = 0.0f;
   for (int64_t c0 = 0; c0 < chunks; c0 += kWarp * U) {
-    uint4 wv[U][R + 1];
+    uint4 wv[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t c = c0 + u * kWarp + lane;
 #pragma unroll
       for (int r = 0; r < R; ++r) wv[u][r] = c < chunks ? load_stream(w[r] + c * kElems) : zero;
-      wv[u][R] = zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -75,8 +75,7 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
         const uint4 xv = c < chunks ? __ldg(reinterpret_cast<const uint4*>(x[t]) + c) : zero;
         if constexpr (kMma) {
 #pragma unroll
-          for (int p = 0; p < kPairs; ++p)
-            mma_dot2<T>(d[p][t], wv[u][2 * p], wv[u][2 * p + 1 < R ? 2 * p + 1 : R], xv);
+          for (int p = 0; p < kPairs; ++p) mma_dot2<T>(d[p][t], wv[u][2 * p], wv[u][2 * p + 1], xv);
         } else {
 #pragma unroll
           for (int r = 0; r < R; ++r) acc[r][t] = Vec16<T>::dot(wv[u][r], xv, acc[r][t]);
@@ -93,7 +92,7 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[R], const T* const
       for (int p = 0; p < kPairs; ++p) {
         const float2 s = diagonal_sums(d[p][t]);
         acc[2 * p][t] = s.x;
-        if (2 * p + 1 < R) acc[2 * p + 1][t] = s.y;
+        acc[2 * p + 1][t] = s.y;
       }
     } else {
 #pragma unroll
